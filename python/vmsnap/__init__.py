@@ -1,0 +1,1 @@
+"""Helpers for testing and benchmarking live VM snapshots with the patched QEMU."""

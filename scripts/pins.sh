@@ -1,0 +1,19 @@
+# Pinned inputs of the build, sourced by the other scripts.
+# Changing a version here means changing its checksum too.
+
+QEMU_VERSION=10.2.2
+QEMU_UPSTREAM_GIT=https://gitlab.com/qemu-project/qemu.git
+QEMU_UPSTREAM_TAG=v$QEMU_VERSION
+# Debian's "+ds" orig tarball is upstream QEMU minus some firmware blobs.
+QEMU_TARBALL=qemu_${QEMU_VERSION}+ds.orig.tar.xz
+QEMU_TARBALL_URL=http://deb.debian.org/debian/pool/main/q/qemu/$QEMU_TARBALL
+QEMU_TARBALL_SHA256=be05230fe47a6937cd29f28f562932c8125f9c93c2a82c625198f7a4aa601dfb
+
+# Everything downloaded or built outside the repository lives here.
+VMSNAP_CACHE=${VMSNAP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vmsnap}
+
+# Identity used for the pristine commit of a tarball-populated qemu/.
+QEMU_PRISTINE_AUTHOR="QEMU $QEMU_VERSION release <qemu-devel@nongnu.org>"
+
+die() { echo "error: $*" >&2; exit 1; }
+note() { echo "==> $*" >&2; }

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Install what building and testing needs on a Debian 12/13 host:
+# Debian packages (apt verifies their checksums against the signed
+# archive) and a Python venv whose packages are pinned by version and
+# sha256 in python/requirements.txt.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+. "$here/scripts/pins.sh"
+
+APT_PACKAGES=(
+  # build QEMU
+  gcc g++ make pkgconf git ccache flex bison python3-venv
+  libglib2.0-dev libpixman-1-dev zlib1g-dev device-tree-compiler
+  # firmware the x86 machine needs at run time (the +ds tarball has none)
+  seabios qemu-system-data ipxe-qemu
+  # build the test guest and run tests
+  curl xz-utils cpio kmod e2fsprogs btrfs-progs xfsprogs perl
+  # qemu-guest-agent's run-time libraries, copied into the guest
+  libglib2.0-0 libnuma1 libudev1 liburing2
+)
+
+sudo=
+[ "$(id -u)" = 0 ] || sudo=sudo
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed' ||
+    missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  note "installing Debian packages: ${missing[*]}"
+  $sudo apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q \
+    --no-install-recommends "${missing[@]}"
+fi
+
+venv=$VMSNAP_CACHE/venv
+stamp=$venv/.requirements.sha256
+want=$(sha256sum "$here/python/requirements.txt" | cut -d' ' -f1)
+if [ ! -x "$venv/bin/python3" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  note "creating Python venv in $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check \
+    --require-hashes -r "$here/python/requirements.txt"
+
+  echo "$want" > "$stamp"
+fi
