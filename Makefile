@@ -1,0 +1,58 @@
+# Live VM snapshots for QEMU: build the patched QEMU and the test guest,
+# run the demo, the tests and the benchmarks.  See README.md.
+
+VMSNAP_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/vmsnap
+export VMSNAP_CACHE
+VENV_PY := $(VMSNAP_CACHE)/venv/bin/python3
+AVOCADO := $(VMSNAP_CACHE)/venv/bin/avocado
+RUN_PY := PYTHONPATH=$(CURDIR)/python $(VENV_PY)
+
+.PHONY: all setup qemu build guest demo check check-block check-guest \
+	check-series patches bench clean
+
+# Default: host packages and venv, QEMU source with patches/ applied,
+# the patched build and the test guest.
+all: setup qemu build guest
+
+setup:
+	scripts/setup-host.sh
+
+qemu: setup
+	scripts/fetch-qemu.sh
+
+build: qemu
+	scripts/build-qemu.sh
+
+guest: setup
+	scripts/build-guest.sh
+
+# Boot the guest, drain + snapshot it live, boot the snapshot and check it.
+demo: all
+	$(RUN_PY) scripts/demo.py
+
+# Everything CI runs.
+check: check-block check-guest check-series
+
+# Our iotests plus the upstream iotests we must not break.
+check-block: build
+	scripts/check-block.sh
+
+# Guest-level tests: results checked inside the guest by the agent.
+check-guest: all
+	PYTHONPATH=$(CURDIR)/python $(AVOCADO) run --max-parallel-tasks=1 \
+		--job-results-dir=$(VMSNAP_CACHE)/avocado tests/guest/
+
+# checkpatch.pl, and every prefix of patches/ builds.
+check-series: qemu
+	scripts/check-series.sh
+
+# Regenerate patches/ from the commits in qemu/.
+patches:
+	scripts/regen-patches.sh
+
+# Stop/cont versus drain, side by side, with ratios.
+bench: all
+	$(RUN_PY) scripts/bench.py
+
+clean:
+	rm -rf qemu/build
