@@ -82,13 +82,18 @@ async def _connect_qga(path: str) -> QMPClient:
 
 
 async def _run(argv: List[str]) -> None:
+    # In its own process group, so that an interrupted snapshot is stopped
+    # with everything it started (its pipe stays open until they exit).
     proc = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT)
+        stderr=asyncio.subprocess.STDOUT, start_new_session=True)
     try:
         out, _ = await proc.communicate()
     except asyncio.CancelledError:
-        proc.kill()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         await proc.wait()
         raise
     if proc.returncode != 0:
