@@ -11,6 +11,8 @@ venv=$VMSNAP_CACHE/venv
 
 export PATH=$venv/bin:$PATH
 export CCACHE_DIR=${CCACHE_DIR:-$VMSNAP_CACHE/ccache}
+# Paths relative to the tree, so that clones elsewhere (CI) hit the cache.
+export CCACHE_BASEDIR=$here/qemu CCACHE_NOHASHDIR=1
 build=$here/qemu/build
 
 # The +ds tarball has no pc-bios/edk2-*.fd.bz2, and meson unpacks them

@@ -77,8 +77,9 @@ if [ ${#series[@]} -gt 0 ]; then
   note "applying ${#series[@]} patches"
   # Committer identity of the outer repository, so that regenerated
   # patches carry the same From: as the ones applied.
-  git -C qemu -c user.name="$(git config user.name)" \
-    -c user.email="$(git config user.email)" \
+  # A fresh machine may have no git identity at all; git am needs one.
+  git -C qemu -c user.name="$(git config user.name || echo vmsnap)" \
+    -c user.email="$(git config user.email || echo vmsnap@localhost)" \
     am -q --keep-cr "${series[@]}" ||
     die "git am failed; see qemu/ (git -C qemu am --abort to undo)"
 fi
