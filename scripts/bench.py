@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -36,10 +35,8 @@ import sys
 import tempfile
 import time
 
-from qemu.qmp import QMPError
-from qemu.qmp.legacy import QEMUMonitorProtocol
-
 from vmsnap import guest
+from vmsnap.vm import VM
 
 TICKS_PER_S = 100       # the agent ticks every 10 ms
 
@@ -55,93 +52,21 @@ class Bench:
         self.tmp = tmp
         self.image = os.path.join(tmp, 'data.qcow2')
         self.snap = os.path.join(tmp, 'snap.qcow2')
-        self.events = []
-        self.proc = self.agent = self.qmp = None
-
-    # ---- VM ---------------------------------------------------------------
+        self.vm = None
 
     def boot(self):
+        """Start the guest and let it get going; seconds it took to."""
         a = self.args
         guest.make_data_disk(self.image, a.disk_mib)
-        agent_sock = os.path.join(self.tmp, 'agent.sock')
-        qmp_sock = os.path.join(self.tmp, 'qmp.sock')
-        self.accel = guest.probe_accel()
-        argv = guest.qemu_args(
-            disks=[self.image], targets=['/dev/vda'],
-            mem_mib=a.dirty_mem_mib, dirty_mibs=a.dirty_mibs,
-            agent_socket=agent_sock, accel=self.accel, mem=a.guest_mem,
-            console_log=os.path.join(self.tmp, 'console.log'),
-            extra_args=['-qmp', f'unix:{qmp_sock},server=on,wait=off'])
-        self.qemu_log = open(os.path.join(self.tmp, 'qemu.log'), 'wb')
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                     stdout=self.qemu_log,
-                                     stderr=subprocess.STDOUT)
-        self.agent = guest.Agent(agent_sock, proc=self.proc)
-        deadline = time.monotonic() + 30
-        while True:
-            self.qmp = QEMUMonitorProtocol(qmp_sock)
-            try:
-                self.qmp.connect()
-                break
-            except (OSError, QMPError):
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        self.qmp.settimeout(60)
+        self.vm = VM('bench', self.tmp, self.tmp, [self.image], ['/dev/vda'],
+                     mem_mib=a.dirty_mem_mib, dirty_mibs=a.dirty_mibs,
+                     mem=a.guest_mem)
+        self.vm.launch()
         t0 = time.monotonic()
-        self.agent.wait_ready()
+        self.vm.agent.wait_ready()
         # Let the writer and the dirtier get going.
-        self.wait_records(100)
+        self.vm.wait_records(100, timeout=60)
         return time.monotonic() - t0
-
-    def shutdown(self):
-        if self.qmp is not None:
-            try:
-                self.qmp.settimeout(5)
-                self.qmp.cmd('quit')
-            except Exception:       # pylint: disable=broad-except
-                pass
-            try:
-                self.qmp.close()
-            except Exception:       # pylint: disable=broad-except
-                pass
-        if self.proc is not None:
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.agent is not None:
-            self.agent.close()
-
-    def wait_event(self, name, timeout=10.0, **data):
-        deadline = time.monotonic() + timeout
-        while True:
-            for i, ev in enumerate(self.events):
-                if ev['event'] == name and all(
-                        ev.get('data', {}).get(k) == v
-                        for k, v in data.items()):
-                    return self.events.pop(i)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f'no {name} event in {timeout} s')
-            try:
-                self.events.append(self.qmp.pull_event(wait=float(left)))
-            except TimeoutError:
-                pass
-
-    def mark(self, label):
-        """(host arrival time, ticks, last_complete) of a MARK."""
-        ev = self.agent.command(f'MARK {label}',
-                                rf'^MARK {re.escape(label)} (\d+) (\d+)$', 30)
-        return ev.time, int(ev[1]), int(ev[2])
-
-    def wait_records(self, minimum, timeout=60.0):
-        deadline = time.monotonic() + timeout
-        while self.agent.stats()['last_complete'] < minimum:
-            if time.monotonic() > deadline:
-                raise RuntimeError('guest records are not advancing')
-            time.sleep(0.05)
 
     # ---- the snapshot -----------------------------------------------------
 
@@ -161,24 +86,23 @@ class Bench:
             time.sleep(self.args.extra_hold_ms / 1000)
         return (time.monotonic() - t0) * 1000
 
-    def round_stop_cont(self, n):
-        self.events.clear()
-        t0, ticks0, lc0 = self.mark(f'stop-{n}-before')
+    def window(self, label, begin, end):
+        """MARK, begin(), host snapshot, end(), MARK: what they measure.
+
+        The QMP events of the window are left in self.vm.events.
+        """
+        vm = self.vm
+        vm.events.clear()
+        t0, ticks0, lc0 = vm.mark(f'{label}-before', timeout=30)
         c0 = time.monotonic()
-        self.qmp.cmd('stop')
+        begin()
         c1 = time.monotonic()
         snap_ms = self.host_snapshot()
         c2 = time.monotonic()
-        self.qmp.cmd('cont')
+        end()
         c3 = time.monotonic()
-        t1, ticks1, lc1 = self.mark(f'stop-{n}-after')
-        stop = self.wait_event('STOP')
-        resume = self.wait_event('RESUME')
-        pause_ms = (event_time(resume) - event_time(stop)) * 1000
+        t1, ticks1, lc1 = vm.mark(f'{label}-after', timeout=30)
         return {
-            'method': 'stop-cont', 'round': n,
-            'pause_ms': pause_ms,           # vCPUs stopped
-            'io_hold_ms': pause_ms,         # and I/O with them
             'begin_cmd_ms': (c1 - c0) * 1000,
             'end_cmd_ms': (c3 - c2) * 1000,
             'snapshot_ms': snap_ms,
@@ -188,20 +112,29 @@ class Bench:
             'records': lc1 - lc0,
         }
 
+    def round_stop_cont(self, n):
+        vm = self.vm
+        measured = self.window(f'stop-{n}', lambda: vm.cmd('stop'),
+                               lambda: vm.cmd('cont'))
+        stop = vm.wait_event('STOP')
+        resume = vm.wait_event('RESUME')
+        pause_ms = (event_time(resume) - event_time(stop)) * 1000
+        return {
+            'method': 'stop-cont', 'round': n,
+            'pause_ms': pause_ms,           # vCPUs stopped
+            'io_hold_ms': pause_ms,         # and I/O with them
+            **measured,
+        }
+
     def round_drain(self, n):
-        self.events.clear()
+        vm = self.vm
         drain_id = f'bench-{n}'
-        t0, ticks0, lc0 = self.mark(f'drain-{n}-before')
-        c0 = time.monotonic()
-        self.qmp.cmd('block-drain-begin', id=drain_id, nodes=['disk0'],
-                     timeout=60)
-        c1 = time.monotonic()
-        snap_ms = self.host_snapshot()
-        c2 = time.monotonic()
-        self.qmp.cmd('block-drain-end', id=drain_id)
-        c3 = time.monotonic()
-        t1, ticks1, lc1 = self.mark(f'drain-{n}-after')
-        end = self.wait_event('BLOCK_DRAIN_END', id=drain_id)
+        measured = self.window(
+            f'drain-{n}',
+            lambda: vm.cmd('block-drain-begin', id=drain_id,
+                           nodes=['disk0'], timeout=60),
+            lambda: vm.cmd('block-drain-end', id=drain_id))
+        end = vm.wait_event('BLOCK_DRAIN_END', id=drain_id)
         if end['data']['reason'] != 'requested':
             print(f'warning: drain {drain_id} ended by '
                   f'{end["data"]["reason"]}', file=sys.stderr)
@@ -209,13 +142,7 @@ class Bench:
             'method': 'drain', 'round': n,
             'pause_ms': 0.0,                # vCPUs are never stopped
             'io_hold_ms': float(end['data']['held-ms']),
-            'begin_cmd_ms': (c1 - c0) * 1000,
-            'end_cmd_ms': (c3 - c2) * 1000,
-            'snapshot_ms': snap_ms,
-            'window_ms': (t1 - t0) * 1000,
-            'ticks': ticks1 - ticks0,
-            'ticks_expected': (t1 - t0) * TICKS_PER_S,
-            'records': lc1 - lc0,
+            **measured,
         }
 
     def run(self):
@@ -225,8 +152,9 @@ class Bench:
             order = ((self.round_stop_cont, self.round_drain) if n % 2
                      else (self.round_drain, self.round_stop_cont))
             for fn in order:
-                _, _, lc = self.mark(f'settle-{n}')
-                self.wait_records(lc + 20)      # the guest is writing again
+                _, _, lc = self.vm.mark(f'settle-{n}', timeout=30)
+                # The guest is writing again.
+                self.vm.wait_records(lc + 20, timeout=60)
                 time.sleep(self.args.gap_s)
                 rounds.append(fn(n))
         return rounds
@@ -316,17 +244,18 @@ def main():
     try:
         boot_s = bench.boot()
         rounds = bench.run()
-        check = bench.agent.check()     # disks agree with the guest's RAM
-        errors = [t for _, t in bench.agent.lines if t.startswith('ERROR')]
+        check = bench.vm.agent.check()  # disks agree with the guest's RAM
+        errors = bench.vm.agent_errors()
     finally:
-        bench.shutdown()
+        if bench.vm is not None:
+            bench.vm.shutdown()
         if args.keep:
             print(f'kept {tmp}', file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
     info = {
-        'rounds': args.rounds, 'accel': bench.accel,
+        'rounds': args.rounds, 'accel': bench.vm.accel,
         'guest_mem': args.guest_mem, 'dirty_mem_mib': args.dirty_mem_mib,
         'dirty_mibs': args.dirty_mibs, 'extra_hold_ms': args.extra_hold_ms,
         'disk_mib': args.disk_mib, 'host': platform.node(),

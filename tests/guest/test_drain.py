@@ -1,8 +1,9 @@
 """Guest-level tests of block-drain-begin / block-drain-end.
 
-They boot the vmsnap test guest (see python/vmsnap/guest.py) with data
-disks on which the in-guest agent writes numbered, checksummed records,
-and judge every result from inside the guest through the agent:
+They boot the vmsnap test guest (see python/vmsnap/guest.py; the VM
+class of python/vmsnap/vm.py runs it with QMP) with data disks on which
+the in-guest agent writes numbered, checksummed records, and judge every
+result from inside the guest through the agent:
 
  - ticks must keep coming while a disk is drained (the vCPUs run), while
    no record completes (guest I/O is really held) and records resume
@@ -18,7 +19,6 @@ Run with:
 """
 
 import os
-import re
 import shutil
 import struct
 import subprocess
@@ -29,9 +29,9 @@ import zlib
 from avocado import Test
 
 from qemu.qmp import QMPError
-from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from vmsnap import guest
+from vmsnap.vm import VM
 
 # On-disk layout of an agent target (guest/agent/vmsnap-agent.c).
 REC_MAGIC = b'VMSNAPR1'
@@ -40,8 +40,6 @@ NSLOTS = 256
 REGION_OFFSET = 1024 * 1024
 REC_HEADER = struct.Struct('<8sIIQQQ')     # magic target reserved seq ...
 TICKS_PER_S = 100                           # the agent ticks every 10 ms
-
-CHECK_RE = r'^CHECK (OK (\d+)|FAIL (.*))$'
 
 
 def read_records(path):
@@ -66,143 +64,6 @@ def newest_record(path):
         return None, 0
     slot = max(recs, key=recs.get)
     return slot, recs[slot]
-
-
-class VM:
-    """One QEMU process running the test guest, with agent and QMP."""
-
-    def __init__(self, name, sockdir, logdir, disks, targets, mode='run',
-                 n_qmp=1, **guest_kw):
-        self.name = name
-        self.mode = mode
-        self.agent_sock = os.path.join(sockdir, f'{name}-agent.sock')
-        self.qmp_socks = [os.path.join(sockdir, f'{name}-qmp{i}.sock')
-                          for i in range(n_qmp)]
-        self.console_log = os.path.join(logdir, f'{name}-console.log')
-        self.qemu_log = os.path.join(logdir, f'{name}-qemu.log')
-        extra = []
-        for s in self.qmp_socks:
-            extra += ['-qmp', f'unix:{s},server=on,wait=off']
-        self.argv = guest.qemu_args(
-            disks=disks, mode=mode, targets=targets,
-            agent_socket=self.agent_sock, console_log=self.console_log,
-            accel=guest.probe_accel(), extra_args=extra, **guest_kw)
-        self.proc = None
-        self.agent = None
-        self.qmp = None
-        self.events = []
-
-    def launch(self):
-        with open(self.qemu_log, 'wb') as log:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT)
-        self.agent = guest.Agent(self.agent_sock, proc=self.proc)
-        if self.qmp_socks:
-            self.qmp = self.connect_qmp(0)
-        return self
-
-    def connect_qmp(self, index):
-        """A QMP client on monitor index (each takes one client)."""
-        deadline = time.monotonic() + 30
-        while True:
-            qmp = QEMUMonitorProtocol(self.qmp_socks[index])
-            try:
-                qmp.connect()
-                qmp.settimeout(60)
-                return qmp
-            except (OSError, QMPError) as e:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f'cannot connect QMP: {e}; '
-                                       f'{self.diagnostics()}') from e
-                time.sleep(0.05)
-
-    def cmd(self, name, **args):
-        return self.qmp.cmd(name, **args)
-
-    def wait_event(self, name, timeout=10.0, **data):
-        """Wait for QMP event name whose data has the given items."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for i, ev in enumerate(self.events):
-                if ev['event'] == name and all(
-                        ev.get('data', {}).get(k.replace('_', '-')) == v
-                        for k, v in data.items()):
-                    return self.events.pop(i)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f'no {name} {data} event in {timeout} s; '
-                                   f'got {self.events}')
-            try:
-                self.events.append(self.qmp.pull_event(wait=float(left)))
-            except TimeoutError:
-                pass
-
-    def mark(self, label):
-        """MARK: (host arrival time, ticks, last_complete)."""
-        ev = self.agent.command(f'MARK {label}',
-                                rf'^MARK {re.escape(label)} (\d+) (\d+)$', 10)
-        return ev.time, int(ev[1]), int(ev[2])
-
-    def wait_records(self, minimum, timeout=30.0):
-        """Wait until the agent has completed record minimum; its stats."""
-        deadline = time.monotonic() + timeout
-        while True:
-            st = self.agent.stats()
-            if st['last_complete'] >= minimum:
-                return st
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f'guest records stuck at {st["last_complete"]} (wanted '
-                    f'{minimum}); {self.diagnostics()}')
-            time.sleep(0.1)
-
-    def agent_errors(self):
-        return [t for _, t in self.agent.lines if t.startswith('ERROR')]
-
-    def wait_check(self, timeout=120.0):
-        """In mode=check: ('OK', newest seq) or ('FAIL', reason)."""
-        try:
-            ev = self.agent.wait_line(CHECK_RE, timeout, since=0)
-        except (EOFError, TimeoutError) as e:
-            raise AssertionError(f'no CHECK answer: {e}; '
-                                 f'{self.diagnostics()}') from e
-        if ev[3] is not None:
-            return 'FAIL', ev[3]
-        return 'OK', int(ev[2])
-
-    def diagnostics(self, lines=15):
-        out = []
-        for path in (self.console_log, self.qemu_log):
-            try:
-                with open(path, errors='replace') as f:
-                    tail = f.read().splitlines()[-lines:]
-            except OSError:
-                continue
-            out.append(f'{os.path.basename(path)}: ' + ' | '.join(tail))
-        return '; '.join(out) or '(no logs)'
-
-    def shutdown(self, graceful=True):
-        if self.qmp is not None:
-            if graceful and self.proc.poll() is None:
-                try:
-                    self.qmp.settimeout(5)
-                    self.qmp.cmd('quit')
-                except Exception:       # pylint: disable=broad-except
-                    pass
-            try:
-                self.qmp.close()
-            except Exception:           # pylint: disable=broad-except
-                pass
-            self.qmp = None
-        if self.proc is not None:
-            try:
-                self.proc.wait(10 if graceful else 0.1)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.agent is not None:
-            self.agent.close()
-            self.agent = None
 
 
 class GuestTest(Test):
