@@ -37,6 +37,7 @@ class DrainResult:
     end_reason: Optional[str] = None
     frozen_ms: Optional[float] = None
     error: Optional[str] = None
+    drained: bool = False          # the drain took effect
 
     @property
     def ok(self):
@@ -116,8 +117,8 @@ async def drain_snapshot(qmp_path: str, nodes: Sequence[str],
     drain_began = False
     listener = EventListener(('BLOCK_DRAIN_END',))
     qmp.register_listener(listener)
-    await qmp.connect(qmp_path)
     try:
+        await qmp.connect(qmp_path)
         if qga_path:
             qga = await _connect_qga(qga_path)
             freeze_start = time.monotonic()
@@ -131,6 +132,7 @@ async def drain_snapshot(qmp_path: str, nodes: Sequence[str],
         await qmp.execute('block-drain-begin', {
             'id': drain_id, 'nodes': list(nodes), 'timeout': timeout})
         result.begin_ms = (time.monotonic() - t0) * 1000
+        result.drained = True
         log(f'drain {drain_id!r} on {", ".join(nodes)}: in-flight I/O '
             f'completed and flushed in {result.begin_ms:.0f} ms')
 
@@ -156,6 +158,9 @@ async def _cleanup(qmp, qga, listener, result, drain_began, freeze_start,
             active = await qmp.execute('query-block-drains')
             if any(d['id'] == result.drain_id for d in active):
                 await qmp.execute('block-drain-end', {'id': result.drain_id})
+                result.drained = True
+            if not result.drained:
+                return      # block-drain-begin failed: no drain, no event
             try:
                 while True:
                     event = await asyncio.wait_for(listener.get(), 5)
