@@ -33,7 +33,7 @@ if [ ! -f "$build/build.ninja" ]; then
      --target-list=x86_64-softmmu --disable-docs --disable-rust \
      --disable-user --enable-tools --disable-werror \
      --disable-install-blobs --cc="ccache gcc" --cxx="ccache g++" \
-     --disable-download)
+     --disable-download --enable-zstd --enable-fuse)
 fi
 
 ninja -C "$build" qemu-system-x86_64 qemu-img qemu-io qemu-nbd \

@@ -1,23 +1,23 @@
 #!/usr/bin/env bash
-# Run our iotests (tests/qemu-iotests/) together with upstream iotests that
-# exercise snapshots, drains, block jobs and migration, through QEMU's own
-# "check" script against the patched build.
+# "make check-block" as upstream means it, on the patched build: the whole
+# "auto" group for qcow2 (what upstream's make check-block runs) and for
+# raw, plus our iotests (tests/qemu-iotests/) and the upstream iotests
+# outside "auto" that exercise what the series touches.  Prints the
+# pass/fail/not-run counts of each format at the end.
 #
 # Our iotests are also part of patches/ (so that they go upstream with the
 # series); the copies in qemu/ must be the ones in tests/qemu-iotests/.
+#
+# Arguments, if any, replace the test selection (e.g. "block-drain 040").
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 . "$here/scripts/pins.sh"
 export PATH=$VMSNAP_CACHE/venv/bin:$PATH
 
-# Upstream tests that touch what the series changes: internal and external
-# snapshots (057 068 267 286 qcow2-internal-snapshots), drained sections
-# and jobs (040 041 129 144 156 185 graph-changes-while-io
-# iothreads-commit-active), migration and savevm (182 201 202 208 234 254
-# 260 273 280).
-UPSTREAM_TESTS=(040 041 057 068 129 144 156 182 185 201 202 208 234 254
-  260 267 273 280 286 qcow2-internal-snapshots iothreads-commit-active
-  graph-changes-while-io)
+# Upstream tests outside "auto" that touch what the series changes:
+# snapshots, drained sections and jobs, migration and savevm.
+UPSTREAM_EXTRA=(041 129 156 185 201 202 208 234 254 260 273 280 286
+  iothreads-commit-active graph-changes-while-io)
 
 ours=()
 for t in "$here"/tests/qemu-iotests/tests/*; do
@@ -33,4 +33,28 @@ commit the change in qemu/ and run 'make patches'"
 done
 
 cd "$here/qemu/build/tests/qemu-iotests"
-./check -qcow2 "${ours[@]}" "${UPSTREAM_TESTS[@]}" "$@"
+log=$(mktemp -d)
+trap 'rm -rf "$log"' EXIT
+status=0
+for fmt in qcow2 raw; do
+  if [ $# -gt 0 ]; then
+    sel=("$@")
+  elif [ $fmt = qcow2 ]; then
+    sel=(-g auto "${ours[@]}" "${UPSTREAM_EXTRA[@]}")
+  else
+    sel=(-g auto "${ours[@]}")
+  fi
+  note "iotests -$fmt ${sel[*]}"
+  ./check -$fmt "${sel[@]}" 2>&1 | tee "$log/$fmt" || status=1
+done
+
+# One summary line per format, from check's own per-test status lines.
+for fmt in qcow2 raw; do
+  awk -v fmt=$fmt '
+    $2 ~ /^(pass|fail|not)$/ && $1 !~ /^(Not|Some|Failures|Passed)/ {
+      n[$2 == "not" ? "notrun" : $2]++ }
+    END { printf "check-block -%s: %d passed, %d failed, %d not run\n",
+                 fmt, n["pass"], n["fail"], n["notrun"] }' "$log/$fmt"
+  grep -h '^Not run:\|^Failures:' "$log/$fmt" | sed "s/^/  -$fmt /" || true
+done
+exit $status

@@ -16,17 +16,40 @@ cd "$here"
 force=
 [ "${1:-}" = --force ] && force=1
 
+# apt-get source, by package name and version, from $QEMU_DEBIAN_SUITE.
+# The host's own sources rarely list that suite, so a private apt
+# configuration in $VMSNAP_CACHE/apt gets a deb-src entry with the same
+# archive URI as the host's Debian entry and Debian's archive keyring;
+# the host's apt configuration is not touched.
 fetch_tarball() {
   local dest=$VMSNAP_CACHE/$QEMU_TARBALL
+  local apt=$VMSNAP_CACHE/apt uri keyring=/usr/share/keyrings/debian-archive-keyring.gpg
   mkdir -p "$VMSNAP_CACHE"
   if [ ! -f "$dest" ]; then
-    note "downloading $QEMU_TARBALL_URL"
-    curl -fsSL --retry 3 -o "$dest.part" "$QEMU_TARBALL_URL" || die \
-"could not download $QEMU_TARBALL_URL.
-Debian may have removed this pool file.  Put a copy of $QEMU_TARBALL
-(sha256 $QEMU_TARBALL_SHA256) in $VMSNAP_CACHE/,
+    uri=$(apt-get indextargets --format '$(REPO_URI)' 'Origin: Debian' \
+            'Label: Debian' | sort -u | head -n 1)
+    [ -n "$uri" ] || die "no Debian archive in this machine's apt sources;
+add one (any suite) or put $QEMU_TARBALL (sha256 $QEMU_TARBALL_SHA256)
+in $VMSNAP_CACHE/"
+    [ -f "$keyring" ] || die "$keyring is missing; install debian-archive-keyring"
+    mkdir -p "$apt/lists/partial" "$apt/cache" "$apt/dl"
+    echo "deb-src [signed-by=$keyring] $uri $QEMU_DEBIAN_SUITE main" \
+      > "$apt/sources.list"
+    local opts=(-q -o Dir::Etc::SourceList="$apt/sources.list"
+      -o Dir::Etc::SourceParts=/nonexistent -o Dir::State::Lists="$apt/lists"
+      -o Dir::Cache="$apt/cache")
+    [ "$(id -u)" = 0 ] && opts+=(-o APT::Sandbox::User=root)
+    note "fetching qemu=$QEMU_DEBIAN_VERSION with apt-get source ($uri $QEMU_DEBIAN_SUITE)"
+    apt-get "${opts[@]}" update >&2 || die "apt-get update of $uri $QEMU_DEBIAN_SUITE failed"
+    (cd "$apt/dl" && apt-get "${opts[@]}" source --download-only \
+       "qemu=$QEMU_DEBIAN_VERSION" >&2) || die \
+"apt-get source qemu=$QEMU_DEBIAN_VERSION failed: Debian may have
+dropped this version from $QEMU_DEBIAN_SUITE.  Put a copy of $QEMU_TARBALL
+(sha256 $QEMU_TARBALL_SHA256) in $VMSNAP_CACHE/, or point
+QEMU_DEBIAN_SUITE in scripts/pins.sh at a suite that still has it,
 or make $QEMU_UPSTREAM_GIT reachable, then run this again."
-    mv "$dest.part" "$dest"
+    mv "$apt/dl/$QEMU_TARBALL" "$dest"
+    rm -f "$apt"/dl/*
   fi
   echo "$QEMU_TARBALL_SHA256  $dest" | sha256sum -c --quiet - || die \
     "$dest does not match the pinned sha256; delete it and run this again"
@@ -40,6 +63,8 @@ populate() {
     note "cloning $QEMU_UPSTREAM_GIT at $QEMU_UPSTREAM_TAG"
     git clone -q --depth 1 --branch "$QEMU_UPSTREAM_TAG" \
       "$QEMU_UPSTREAM_GIT" qemu.tmp
+    note "base: upstream $QEMU_UPSTREAM_TAG ($(git -C qemu.tmp rev-parse HEAD)), not the" \
+      "tarball commit the submodule pins; the sources are the same release"
   else
     local tarball
     tarball=$(fetch_tarball)
@@ -52,6 +77,18 @@ populate() {
     git -C qemu.tmp -c user.name="${QEMU_PRISTINE_AUTHOR% <*}" \
       -c user.email="qemu-devel@nongnu.org" \
       commit -q -m "QEMU $QEMU_VERSION (Debian ${QEMU_TARBALL})"
+    # The gitlink at qemu/ in this repository pins this commit: fixed
+    # author, committer, dates and message make its id depend only on
+    # the tarball's contents.
+    local pin got
+    pin=$(git -C "$here" ls-files -s qemu | awk '$1 == "160000" { print $2 }')
+    got=$(git -C qemu.tmp rev-parse HEAD)
+    [ -z "$pin" ] || [ "$pin" = "$got" ] || die \
+"the release commit made from $QEMU_TARBALL is $got,
+but the qemu submodule is pinned to $pin: the unpacked tree is not the
+pinned source.  If scripts/pins.sh changed the release on purpose, update
+the gitlink with: git update-index --cacheinfo 160000,$got,qemu"
+    note "release commit $got matches the qemu submodule pin"
   fi
   git -C qemu.tmp tag -f pristine >/dev/null
   rm -rf qemu

@@ -5,8 +5,11 @@ QEMU_VERSION=10.2.2
 QEMU_UPSTREAM_GIT=https://gitlab.com/qemu-project/qemu.git
 QEMU_UPSTREAM_TAG=v$QEMU_VERSION
 # Debian's "+ds" orig tarball is upstream QEMU minus some firmware blobs.
+# It is fetched with "apt-get source" from the Debian suite that carries
+# this version, through the archive this machine's apt is configured for.
+QEMU_DEBIAN_VERSION=1:${QEMU_VERSION}+ds-1
+QEMU_DEBIAN_SUITE=sid
 QEMU_TARBALL=qemu_${QEMU_VERSION}+ds.orig.tar.xz
-QEMU_TARBALL_URL=http://deb.debian.org/debian/pool/main/q/qemu/$QEMU_TARBALL
 QEMU_TARBALL_SHA256=be05230fe47a6937cd29f28f562932c8125f9c93c2a82c625198f7a4aa601dfb
 
 # Everything downloaded or built outside the repository lives here.

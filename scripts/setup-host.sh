@@ -11,6 +11,9 @@ APT_PACKAGES=(
   # build QEMU
   gcc g++ make pkgconf git ccache flex bison python3-venv
   libglib2.0-dev libpixman-1-dev zlib1g-dev device-tree-compiler
+  # optional block features that iotests exercise (zstd clusters, FUSE
+  # exports), as a distribution's QEMU has them
+  libzstd-dev libfuse3-dev fuse3
   # firmware the x86 machine needs at run time (the +ds tarball has none)
   seabios qemu-system-data ipxe-qemu
   # build the test guest and run tests
