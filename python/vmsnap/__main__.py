@@ -23,7 +23,7 @@ def main(argv=None):
     p.add_argument('--qga', help="qemu-guest-agent's unix socket; "
                    'freeze the guest filesystems around the snapshot')
     p.add_argument('--nodes', required=True,
-                   help='comma-separated block node (or drive) names')
+                   help='comma-separated block node names')
     p.add_argument('--timeout', type=int, default=60,
                    help='seconds after which QEMU ends the drain by itself '
                    '(default 60)')

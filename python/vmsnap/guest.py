@@ -152,7 +152,7 @@ def kernel_cmdline(mode='run', targets=(), mem_mib=0, dirty_mibs=0,
 def qemu_args(disks=(), mode='run', targets=(), mem_mib=0, dirty_mibs=0,
               write_interval_ms=None, agent_socket=None, qga_socket=None,
               console_log=None, mem=256, smp=1, accel='tcg', machine='pc',
-              qemu=None, extra_append='', extra_args=()):
+              qemu=None, extra_append='', extra_args=(), iothread=False):
     """argv for qemu-system-x86_64 running the test guest.
 
     disks: image paths, or (path, format) pairs; disk i gets block node
@@ -167,6 +167,7 @@ def qemu_args(disks=(), mode='run', targets=(), mem_mib=0, dirty_mibs=0,
     qga_socket: unix socket path for qemu-ga (virtio-serial port
     org.qemu.guest_agent.0); None for no guest agent.
     console_log: file receiving the guest console (ttyS0).
+    iothread: run the virtio-blk devices in an iothread ('iothread0').
     """
     kernel, initrd = guest_files()
     argv = [qemu or qemu_system(),
@@ -196,14 +197,18 @@ def qemu_args(disks=(), mode='run', targets=(), mem_mib=0, dirty_mibs=0,
     else:
         argv += ['-serial', 'null']
 
+    if iothread:
+        argv += ['-object', 'iothread,id=iothread0']
     for i, d in enumerate(disks):
         path, fmt = (d if isinstance(d, (tuple, list))
                      else (d, disk_format(d)))
         node = {'driver': fmt, 'node-name': f'disk{i}',
                 'file': {'driver': 'file', 'filename': str(path),
                          'node-name': f'disk{i}-file'}}
-        argv += ['-blockdev', json.dumps(node),
-                 '-device', f'virtio-blk-pci,drive=disk{i},id=vd{i}']
+        device = f'virtio-blk-pci,drive=disk{i},id=vd{i}'
+        if iothread:
+            device += ',iothread=iothread0'
+        argv += ['-blockdev', json.dumps(node), '-device', device]
 
     if qga_socket:
         argv += ['-chardev', 'socket,id=qga0,server=on,wait=off,'

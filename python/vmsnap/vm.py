@@ -43,11 +43,11 @@ class VM:
     disks, targets, mode and guest_kw go to guest.qemu_args(); the
     accelerator is guest.probe_accel()'s (in self.accel).  The VM has
     n_qmp QMP monitors, each taking one client; launch() connects self.qmp
-    to the first.
+    to the first.  extra_args are added to QEMU's command line.
     """
 
     def __init__(self, name, sockdir, logdir, disks, targets, mode='run',
-                 n_qmp=1, **guest_kw):
+                 n_qmp=1, extra_args=(), **guest_kw):
         self.name = name
         self.mode = mode
         self.agent_sock = os.path.join(sockdir, f'{name}-agent.sock')
@@ -55,7 +55,7 @@ class VM:
                           for i in range(n_qmp)]
         self.console_log = os.path.join(logdir, f'{name}-console.log')
         self.qemu_log = os.path.join(logdir, f'{name}-qemu.log')
-        extra = []
+        extra = list(extra_args)
         for s in self.qmp_socks:
             extra += ['-qmp', f'unix:{s},server=on,wait=off']
         self.accel = guest.probe_accel()
