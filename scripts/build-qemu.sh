@@ -30,10 +30,7 @@ done
 if [ ! -f "$build/build.ninja" ]; then
   mkdir -p "$build"
   (cd "$build" && ../configure --python="$venv/bin/python3" \
-     --target-list=x86_64-softmmu --disable-docs --disable-rust \
-     --disable-user --enable-tools --disable-werror \
-     --disable-install-blobs --cc="ccache gcc" --cxx="ccache g++" \
-     --disable-download --enable-zstd --enable-fuse)
+     --cc="ccache gcc" --cxx="ccache g++" "${QEMU_CONFIGURE_ARGS[@]}")
 fi
 
 ninja -C "$build" qemu-system-x86_64 qemu-img qemu-io qemu-nbd \

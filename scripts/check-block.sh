@@ -45,16 +45,17 @@ for fmt in qcow2 raw; do
     sel=(-g auto "${ours[@]}")
   fi
   note "iotests -$fmt ${sel[*]}"
-  ./check -$fmt "${sel[@]}" 2>&1 | tee "$log/$fmt" || status=1
+  ./check --color=off -$fmt "${sel[@]}" 2>&1 | tee "$log/$fmt" || status=1
 done
 
-# One summary line per format, from check's own per-test status lines.
+# One summary line per format, from check's own per-test status lines
+# (a test's start and end share a line, separated by a carriage return).
 for fmt in qcow2 raw; do
-  awk -v fmt=$fmt '
+  tr '\r' '\n' < "$log/$fmt" | awk -v fmt=$fmt '
     $2 ~ /^(pass|fail|not)$/ && $1 !~ /^(Not|Some|Failures|Passed)/ {
       n[$2 == "not" ? "notrun" : $2]++ }
     END { printf "check-block -%s: %d passed, %d failed, %d not run\n",
-                 fmt, n["pass"], n["fail"], n["notrun"] }' "$log/$fmt"
+                 fmt, n["pass"], n["fail"], n["notrun"] }'
   grep -h '^Not run:\|^Failures:' "$log/$fmt" | sed "s/^/  -$fmt /" || true
 done
 exit $status

@@ -12,6 +12,14 @@ QEMU_DEBIAN_SUITE=sid
 QEMU_TARBALL=qemu_${QEMU_VERSION}+ds.orig.tar.xz
 QEMU_TARBALL_SHA256=be05230fe47a6937cd29f28f562932c8125f9c93c2a82c625198f7a4aa601dfb
 
+# How QEMU is configured, by scripts/build-qemu.sh and, for each prefix of
+# the series, scripts/check-series.sh: the same options, so that ccache
+# serves the prefix builds from the main build.  zstd and FUSE exports
+# are on so that the iotests that need them run.
+QEMU_CONFIGURE_ARGS=(--target-list=x86_64-softmmu --disable-docs
+  --disable-rust --disable-user --enable-tools --disable-werror
+  --disable-install-blobs --disable-download --enable-zstd --enable-fuse)
+
 # Everything downloaded or built outside the repository lives here.
 VMSNAP_CACHE=${VMSNAP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vmsnap}
 
