@@ -8,7 +8,8 @@ QEMU refuses any VM state capture while a drain is active.  The control
 is the same sequence with stop/cont instead of the drain: its state,
 loaded into a fresh QEMU on the copied disks, must give a guest whose
 agent finds disks and RAM in agreement and whose writes still complete.
-That control is also what fails if a saved state loses requests.
+That control is also what fails if a saved state loses requests.  It
+runs with the plain migration stream and with mapped-ram.
 
 Run with:
 
@@ -40,9 +41,10 @@ class DrainAndVMState(GuestTest):
         vm.wait_records(NSLOTS + 20)
         return vm
 
-    def background_snapshot(self, vm, state):
+    def background_snapshot(self, vm, state, mapped_ram=False):
         vm.cmd('migrate-set-capabilities', capabilities=[
-            {'capability': 'background-snapshot', 'state': True}])
+            {'capability': 'background-snapshot', 'state': True},
+            {'capability': 'mapped-ram', 'state': mapped_ram}])
         vm.cmd('migrate', uri=f'file:{state}')
 
     @staticmethod
@@ -92,12 +94,20 @@ class DrainAndVMState(GuestTest):
 
     def test_control_stop_cont_state_loads(self):
         """Control: stop, copy, save, cont; the state loads and runs on."""
+        self.stop_save_cont_load(mapped_ram=False)
+
+    def test_control_stop_cont_state_loads_mapped_ram(self):
+        """The same with mapped-ram (before the fix in patch 8, the state
+        loaded with all guest RAM zero)."""
+        self.stop_save_cont_load(mapped_ram=True)
+
+    def stop_save_cont_load(self, mapped_ram):
         vm = self.boot_writer()
         _, _, lc = vm.mark('before-stop')     # a stopped guest cannot answer
         vm.cmd('stop')
         copies = self.copy_images(self.disks, 'stopped')
         state = self.path('stopped.state')
-        self.background_snapshot(vm, state)
+        self.background_snapshot(vm, state, mapped_ram)
         self.assertEqual(self.wait_migration(vm), 'completed')
         vm.cmd('cont')
         vm.wait_records(lc + 20, timeout=10)
@@ -107,6 +117,8 @@ class DrainAndVMState(GuestTest):
                       self.TARGETS, extra_args=['-incoming', 'defer'])
         self.vms.append(restored)
         restored.launch()
+        restored.cmd('migrate-set-capabilities', capabilities=[
+            {'capability': 'mapped-ram', 'state': mapped_ram}])
         restored.cmd('migrate-incoming', uri=f'file:{state}')
         self.assertEqual(self.wait_migration(restored), 'completed')
         if restored.cmd('query-status')['status'] != 'running':
