@@ -49,3 +49,18 @@ if [ ! -x "$venv/bin/python3" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ];
 
   echo "$want" > "$stamp"
 fi
+
+# The vmsnap package itself (python/), for the "vmsnap" command; again
+# whenever its sources change.  Its only dependency, qemu.qmp, is pinned
+# above, and setuptools from the venv builds it, so nothing is fetched.
+pkg_stamp=$venv/.vmsnap.sha256
+pkg_want=$(cat "$here/python/pyproject.toml" "$here"/python/vmsnap/*.py |
+           sha256sum | cut -d' ' -f1)
+if [ "$(cat "$pkg_stamp" 2>/dev/null)" != "$pkg_want" ]; then
+  note "installing the vmsnap command into $venv"
+  rm -rf "$here/python/build" "$here"/python/*.egg-info
+  "$venv/bin/pip" install -q --disable-pip-version-check --no-deps \
+    --no-build-isolation --no-index "$here/python"
+  rm -rf "$here/python/build" "$here"/python/*.egg-info
+  echo "$pkg_want" > "$pkg_stamp"
+fi

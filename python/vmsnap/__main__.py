@@ -1,4 +1,4 @@
-"""Command line: python -m vmsnap drain-snapshot ..."""
+"""Command line: vmsnap drain-snapshot ... (or python -m vmsnap ...)"""
 
 import argparse
 import json
@@ -9,7 +9,7 @@ from . import drain
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog='python -m vmsnap',
+        prog='vmsnap',
         description='Live VM snapshots with the patched QEMU.')
     sub = parser.add_subparsers(dest='command', required=True)
     p = sub.add_parser(
