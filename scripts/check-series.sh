@@ -12,6 +12,7 @@ wt=$VMSNAP_CACHE/series-worktree
 # The worktree always lives at the same place, so ccache can reuse it.
 export CCACHE_BASEDIR=$wt CCACHE_NOHASHDIR=1
 cd "$here"
+check_qemu_gitlink
 
 note "checkpatch.pl"
 (cd qemu && ./scripts/checkpatch.pl --no-summary --terse \

@@ -15,6 +15,7 @@ cd "$here"
 
 force=
 [ "${1:-}" = --force ] && force=1
+check_qemu_gitlink
 
 # apt-get source, by package name and version, from $QEMU_DEBIAN_SUITE.
 # The host's own sources rarely list that suite, so a private apt
@@ -77,17 +78,16 @@ populate() {
     git -C qemu.tmp -c user.name="${QEMU_PRISTINE_AUTHOR% <*}" \
       -c user.email="qemu-devel@nongnu.org" \
       commit -q -m "QEMU $QEMU_VERSION (Debian ${QEMU_TARBALL})"
-    # The gitlink at qemu/ in this repository pins this commit: fixed
-    # author, committer, dates and message make its id depend only on
-    # the tarball's contents.
-    local pin got
-    pin=$(git -C "$here" ls-files -s qemu | awk '$1 == "160000" { print $2 }')
+    # Fixed author, committer, dates and message make the commit id
+    # depend only on the tarball's contents; the gitlink pins it.
+    local got
     got=$(git -C qemu.tmp rev-parse HEAD)
-    [ -z "$pin" ] || [ "$pin" = "$got" ] || die \
-"the release commit made from $QEMU_TARBALL is $got,
-but the qemu submodule is pinned to $pin: the unpacked tree is not the
-pinned source.  If scripts/pins.sh changed the release on purpose, update
-the gitlink with: git update-index --cacheinfo 160000,$got,qemu"
+    [ "$got" = "$QEMU_PRISTINE_COMMIT" ] || die \
+"the release commit made from $QEMU_TARBALL is $got, not
+$QEMU_PRISTINE_COMMIT: the unpacked tree is not the pinned source.
+If scripts/pins.sh changed the release on purpose, set
+QEMU_PRISTINE_COMMIT there and update the gitlink with:
+  git update-index --cacheinfo 160000,$got,qemu"
     note "release commit $got matches the qemu submodule pin"
   fi
   git -C qemu.tmp tag -f pristine >/dev/null

@@ -11,6 +11,20 @@ QEMU_DEBIAN_VERSION=1:${QEMU_VERSION}+ds-1
 QEMU_DEBIAN_SUITE=sid
 QEMU_TARBALL=qemu_${QEMU_VERSION}+ds.orig.tar.xz
 QEMU_TARBALL_SHA256=be05230fe47a6937cd29f28f562932c8125f9c93c2a82c625198f7a4aa601dfb
+# The release commit fetch-qemu.sh makes from that tarball, which the
+# qemu submodule's gitlink pins.
+QEMU_PRISTINE_COMMIT=ab4178868b656f95ad67ac528ffc9e57eae23fd7
+
+# "git commit -a" (and "git add qemu") stage qemu/'s HEAD, the patched
+# tree, in place of the pin: refuse to go on with such a gitlink.
+check_qemu_gitlink() {
+  local link
+  link=$(git -C "$here" ls-files -s qemu | awk '$1 == "160000" { print $2 }')
+  [ -z "$link" ] || [ "$link" = "$QEMU_PRISTINE_COMMIT" ] || die \
+"the qemu gitlink is $link, not the pinned release $QEMU_PRISTINE_COMMIT
+(git commit -a stages qemu/'s HEAD).  Restore it with:
+  git update-index --cacheinfo 160000,$QEMU_PRISTINE_COMMIT,qemu"
+}
 
 # How QEMU is configured, by scripts/build-qemu.sh and, for each prefix of
 # the series, scripts/check-series.sh: the same options, so that ccache
