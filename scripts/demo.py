@@ -9,6 +9,15 @@ with qemu-ga: fsfreeze, block-drain-begin on both disks, a reflink copy of
 the two images on the host, block-drain-end, thaw.  It shows that the guest
 kept running meanwhile (agent ticks), and boots a fresh VM from the copies
 whose agent checks that the disks and their records agree.
+
+Then it saves the running guest's VM state live into a block node (a raw
+image created with exactly the size query-vmstate-size asks for), in
+mode "end": QEMU copies the RAM while the guest runs and pauses it only
+at the switchover, where the demo copies the disk images too, so that
+disks and VM state show one instant.  A fresh QEMU started with
+-incoming defer on those copies loads the state, and the guest's agent,
+back where it was, checks its disks against the records in its RAM and
+goes on writing.
 """
 
 import os
@@ -19,14 +28,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'python'))
-from vmsnap import guest  # noqa: E402
+from vmsnap import guest, state  # noqa: E402
 
 
-def boot(workdir, name, disks, mode, qmp=True, qga=True):
+def boot(workdir, name, disks, mode, qmp=True, qga=True, extra_args=()):
     agent_sock = f'{workdir}/{name}-agent.sock'
     qmp_sock = f'{workdir}/{name}-qmp.sock'
     qga_sock = f'{workdir}/{name}-qga.sock' if qga else None
     extra = ['-qmp', f'unix:{qmp_sock},server=on,wait=off'] if qmp else []
+    extra += list(extra_args)
     argv = guest.qemu_args(
         disks=disks, mode=mode, targets=['/mnt/data/records', '/dev/vdb'],
         agent_socket=agent_sock, qga_socket=qga_sock,
@@ -71,6 +81,8 @@ def main():
               f'guest vCPU ticked {ticks} times (10 ms each)')
         print(f'   the agent kept writing after it: record '
               f'{after["last_complete"]} (was {before["last_complete"]})')
+
+        saved = save_state(workdir, qmp_sock, agent, [data, raw])
     finally:
         agent.close()
         proc.kill()
@@ -96,7 +108,81 @@ def main():
     print('   qemu-img check: clean')
     if not ev.text.startswith('CHECK OK'):
         sys.exit('the snapshot is not consistent')
+
+    load_state(workdir, saved)
     subprocess.run(['rm', '-rf', workdir], check=False)
+
+
+def save_state(workdir, qmp_sock, agent, disks):
+    """vmsnap save-state --mode end into a new raw image; at the
+    switchover (guest stopped, disks flushed) copy the disk images."""
+    print('== vmsnap save-state --mode end: the VM state into a block node, '
+          'guest running')
+    state_file = f'{workdir}/vmstate.raw'
+    copies = [f'{workdir}/state-{os.path.basename(d)}' for d in disks]
+
+    def copy_disks():
+        for src, dst in zip(disks, copies):
+            subprocess.run(['cp', '--reflink=auto', src, dst], check=True)
+
+    before = agent.stats()
+    t0 = time.monotonic()
+    result = state.save(qmp_sock, file=state_file, fmt='raw', create=True,
+                        mode='end', downtime_ms=20, at_switchover=copy_disks,
+                        progress=state.Progress(prefix='   '),
+                        log=lambda msg: print(f'   {msg}', flush=True))
+    t1 = time.monotonic()
+    if not result.ok:
+        sys.exit(f'save-state failed: {result.error}')
+    time.sleep(1)
+    after = agent.stats()
+    mib = 1048576
+    print(f'   size: query-vmstate-size {result.size["total"] / mib:.1f} '
+          f'MiB; {result.bytes_written / mib:.1f} MiB written; the raw '
+          f'image takes {result.allocated / mib:.1f} MiB on disk (zero '
+          f'pages stay holes)')
+    print(f'   guest paused {result.pause_ms:.1f} ms at the switchover, '
+          f'{result.switchover_ms:.0f} ms of it copying the disks; QEMU '
+          f'downtime {result.downtime_ms} ms')
+    print(f'   during the {1000 * (t1 - t0):.0f} ms of the save the guest '
+          f'vCPU ticked {agent.ticks_between(t0, t1)} times; the agent '
+          f'went on from record {before["last_complete"]} to '
+          f'{after["last_complete"]}; VM {result.vm_status}')
+    return state_file, copies
+
+
+def load_state(workdir, saved):
+    """A fresh QEMU on the disk copies loads the state; the agent, back
+    where it was, checks disks against its RAM and keeps writing."""
+    state_file, copies = saved
+    print('== vmsnap load-state: a fresh QEMU (-incoming defer) on the '
+          'disk copies from the switchover')
+    proc, agent, qmp_sock, _ = boot(workdir, 'loaded', copies, 'run',
+                                    extra_args=['-incoming', 'defer'])
+    try:
+        result = state.load(qmp_sock, file=state_file,
+                            log=lambda msg: print(f'   {msg}', flush=True))
+        if not result.ok:
+            sys.exit(f'load-state failed: {result.error}')
+        print(f'   loaded in {result.total_ms:.0f} ms; VM '
+              f'{result.vm_status}')
+        agent.wait_ready(timeout=60)
+        resumed = agent.stats()
+        checked = agent.check()
+        time.sleep(1)
+        after = agent.stats()
+        print(f'   agent: CHECK OK {checked} (disks agree with the record '
+              f'ledger in the restored RAM)')
+        print(f'   the restored guest goes on: record '
+              f'{resumed["last_complete"]} -> {after["last_complete"]}')
+        if after['last_complete'] <= resumed['last_complete']:
+            sys.exit('the restored guest does not write any more')
+    except AssertionError as err:
+        sys.exit(f'the restored guest is not consistent: {err}')
+    finally:
+        agent.close()
+        proc.kill()
+        proc.wait()
 
 
 if __name__ == '__main__':

@@ -1,4 +1,5 @@
-"""Command line: vmsnap drain-snapshot ... (or python -m vmsnap ...)"""
+"""Command line: vmsnap drain-snapshot|save-state|load-state|state-size ...
+(or python -m vmsnap ...)"""
 
 import argparse
 import json
@@ -12,6 +13,7 @@ def main(argv=None):
         prog='vmsnap',
         description='Live VM snapshots with the patched QEMU.')
     sub = parser.add_subparsers(dest='command', required=True)
+    _add_state_commands(sub)
     p = sub.add_parser(
         'drain-snapshot',
         help='drain block nodes, snapshot the storage underneath, resume',
@@ -33,6 +35,8 @@ def main(argv=None):
     p.add_argument('method', choices=['lvm', 'btrfs', 'reflink', 'command'])
     p.add_argument('args', nargs='+', help='arguments of the method')
     opts = parser.parse_args(argv)
+    if opts.command != 'drain-snapshot':
+        return _state_command(parser, opts)
 
     try:
         snapshot = drain.snapshot_command(opts.method, opts.args)
@@ -50,6 +54,164 @@ def main(argv=None):
         return 0
     print(f'FAILED: {result.error}', file=sys.stderr)
     return 1
+
+
+def _add_state_commands(sub):
+    def target(p, create):
+        where = p.add_mutually_exclusive_group(required=True)
+        where.add_argument('--node', help='an existing block node (added '
+                           'with blockdev-add, not attached to the guest)')
+        where.add_argument('--file', help='an image file (or block device); '
+                           'a node is added on it for the %s and removed '
+                           'afterwards' % ('save' if create else 'load'))
+        p.add_argument('--format', choices=['raw', 'qcow2'],
+                       help='format of --file (default: raw with --create, '
+                       'else detected)')
+        p.add_argument('--offset', type=_size, default=0,
+                       help='where the state starts in the node, in bytes '
+                       '(default 0; keep it 1 MiB aligned for O_DIRECT)')
+        if create:
+            p.add_argument('--create', action='store_true',
+                           help='create --file first, of exactly the size '
+                           'the state needs (query-vmstate-size + offset)')
+        p.add_argument('--json', action='store_true',
+                       help='print the result as JSON on the last line')
+
+    p = sub.add_parser(
+        'save-state',
+        help="save a running VM's state into a block node",
+        description="Save the VM state (RAM and devices) of a running "
+        "guest into a block node while it keeps running.  Mode end "
+        "(default): iterative precopy, the state at the switchover, where "
+        "the guest pauses for about --downtime-ms.  Mode start: a "
+        "background snapshot, the state as it was when the save began.  "
+        "The guest is running again afterwards; Ctrl-C or SIGTERM cancel "
+        "the save.")
+    p.add_argument('--qmp', required=True, help="QEMU's QMP unix socket")
+    target(p, create=True)
+    p.add_argument('--mode', choices=['start', 'end'], default='end',
+                   help='which instant the state shows (default end)')
+    p.add_argument('--downtime-ms', type=int, default=20,
+                   help='mode end: the longest pause at the switchover '
+                   'QEMU aims for (downtime-limit, default 20)')
+
+    p = sub.add_parser(
+        'load-state',
+        help='load a saved VM state into a QEMU started with -incoming '
+        'defer',
+        description='Load a VM state saved by save-state into a QEMU '
+        'started with -incoming defer and the configuration of the saved '
+        'VM (disk images as they were at the saved instant).')
+    p.add_argument('--qmp', required=True, help="QEMU's QMP unix socket")
+    target(p, create=False)
+
+    p = sub.add_parser(
+        'state-size',
+        help='how large a block node for save-state must be',
+        description='Print query-vmstate-size: the bytes a save of the VM '
+        'state needs at most, from --offset on.')
+    p.add_argument('--qmp', required=True, help="QEMU's QMP unix socket")
+    p.add_argument('--json', action='store_true',
+                   help='print the sizes as JSON')
+
+
+def _size(text):
+    """Bytes, with an optional K, M, G or T suffix (powers of 1024)."""
+    mult = {'K': 1 << 10, 'M': 1 << 20, 'G': 1 << 30, 'T': 1 << 40}
+    t = text.strip().upper().removesuffix('B').removesuffix('I')
+    try:
+        if t and t[-1] in mult:
+            value = int(t[:-1]) * mult[t[-1]]
+        else:
+            value = int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'not a size: {text!r}') from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'negative size: {text!r}')
+    return value
+
+
+def _fmt_bytes(n):
+    if n is None:
+        return '-'
+    return f'{n} bytes ({n / 1048576:.1f} MiB)'
+
+
+def _state_command(parser, opts):
+    from . import state  # pylint: disable=import-outside-toplevel
+
+    if opts.command == 'state-size':
+        try:
+            size = state.size(opts.qmp)
+        except Exception as err:  # pylint: disable=broad-except
+            print(f'FAILED: {err}', file=sys.stderr)
+            return 1
+        if opts.json:
+            print(json.dumps(size))
+        else:
+            for key in ('header', 'ram', 'device-state', 'total'):
+                print(f'{key + ":":14} {_fmt_bytes(size[key])}')
+        return 0
+
+    def log(msg):
+        print(msg, flush=True)
+
+    kwargs = dict(node=opts.node, file=opts.file, fmt=opts.format,
+                  offset=opts.offset, log=log)
+    try:
+        if opts.command == 'save-state':
+            progress = state.Progress(
+                sys.stderr, bar=False if opts.json else None)
+            result = state.save(opts.qmp, mode=opts.mode,
+                                downtime_ms=opts.downtime_ms,
+                                create=opts.create, progress=progress,
+                                **kwargs)
+        else:
+            result = state.load(opts.qmp, **kwargs)
+    except ValueError as err:
+        parser.error(str(err))
+
+    print(_summary(result))
+    if opts.json:
+        print(json.dumps(result.as_dict()))
+    if result.ok:
+        return 0
+    print(f'FAILED: {result.error}', file=sys.stderr)
+    return 1
+
+
+def _summary(r):
+    where = f'node {r.node!r}' + (f' ({r.file}, {r.format})' if r.file
+                                  else '') + f' at offset {r.offset}'
+    lines = []
+    if r.operation == 'save':
+        lines.append(f'{"saved" if r.ok else "NOT saved"}: VM state into '
+                     f'{where}')
+        lines.append(f'  mode:          {r.mode} (the state '
+                     + ('when the save began)' if r.mode == 'start'
+                        else 'at the switchover)'))
+        lines.append(f'  bytes written: {_fmt_bytes(r.bytes_written)}')
+        if r.size:
+            lines.append(f'  size bound:    {_fmt_bytes(r.size["total"])} '
+                         '(query-vmstate-size)')
+        if r.allocated is not None:
+            lines.append(f'  on disk:       {_fmt_bytes(r.allocated)} '
+                         'allocated')
+        pause = ('-' if r.pause_ms is None else
+                 f'{r.pause_ms:.1f} ms (from '
+                 + ('STOP/RESUME events)' if r.pause_source == 'events'
+                    else "query-migrate's downtime)"))
+        if r.switchover_ms is not None:
+            pause += f', of which {r.switchover_ms:.0f} ms switchover hook'
+        lines.append(f'  guest pause:   {pause}')
+    else:
+        lines.append(f'{"loaded" if r.ok else "NOT loaded"}: VM state from '
+                     f'{where}')
+    lines.append(f'  status:        {r.status or "-"}'
+                 + (f' ({r.error})' if r.error else ''))
+    lines.append(f'  total time:    {r.total_ms:.0f} ms')
+    lines.append(f'  VM status:     {r.vm_status or "-"}')
+    return '\n'.join(lines)
 
 
 if __name__ == '__main__':
