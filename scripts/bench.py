@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Guest pause of a host storage snapshot: stop/cont against block drain.
+"""Guest pause of a host storage snapshot (stop/cont against block
+drain), and of a VM state save (block-node against upstream's ways).
 
 Boots the vmsnap test guest with a qcow2 data disk on which the agent
 writes records (and with memory being dirtied), then takes the same host
@@ -18,13 +19,34 @@ before and just after the window, so the table shows how many ticks the
 guest got against how many wall time allows; ticks lost show the vCPUs
 stood still.
 
+Then, on one other running guest (1 GiB by default, memory being
+dirtied), it saves the VM state in each of these ways, --state-rounds
+times each, alternating:
+
+  ours      block-node mode start (raw image), mode end (raw image),
+            mode start into a qcow2 image (vmsnap state.save)
+  upstream  migrate to file: with background-snapshot; to file: with
+            mapped-ram, precopy; to file:, plain stream, precopy (both
+            precopies leave the source in postmigrate: the time until
+            "cont" has it running again counts as pause); HMP savevm
+            into the guest's qcow2 disk
+
+and loads each state into a fresh QEMU.  For each it reports the guest
+pause (STOP to RESUME events), the total time, bytes written and
+allocated per byte of guest RAM, save throughput against the sequential
+write speed of the same file system and load throughput against its
+sequential read speed, both measured in the same run.  Every precopy
+runs with the same downtime-limit (--downtime-ms, 20).
+
     PYTHONPATH=python $venv/bin/python scripts/bench.py [--rounds 5]
-        [--extra-hold-ms 0] [--json out.json]
+        [--extra-hold-ms 0] [--state-rounds 5] [--state-guest-mem 1024]
+        [--skip-drain] [--skip-state] [--json out.json]
 
 Nothing here asserts on timings; the numbers are for reading.
 """
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -35,7 +57,7 @@ import sys
 import tempfile
 import time
 
-from vmsnap import guest
+from vmsnap import guest, state
 from vmsnap.vm import VM
 
 TICKS_PER_S = 100       # the agent ticks every 10 ms
@@ -221,6 +243,384 @@ def print_table(rounds, summary, info):
           'after; ticks are the agent ticker (10 ms each) over it.')
 
 
+# ---------------------------------------------------------------------------
+# VM state: block-node against the upstream ways of saving it
+
+MIB = 1048576
+# (key, label, kind, options): the saves, in the order they run; ours and
+# upstream's alternate so that neither always follows the other.
+STATE_METHODS = [
+    ('bg-file', 'upstream file: background-snapshot', 'file',
+     {'bg': True, 'mapped_ram': False}),
+    ('node-start-raw', 'ours block-node start, raw', 'node',
+     {'mode': 'start', 'fmt': 'raw'}),
+    ('mapped-file', 'upstream file: mapped-ram precopy', 'file',
+     {'bg': False, 'mapped_ram': True}),
+    ('node-end-raw', 'ours block-node end, raw', 'node',
+     {'mode': 'end', 'fmt': 'raw'}),
+    ('stream-file', 'upstream file: stream precopy', 'file',
+     {'bg': False, 'mapped_ram': False}),
+    ('node-start-qcow2', 'ours block-node start, qcow2', 'node',
+     {'mode': 'start', 'fmt': 'qcow2'}),
+    ('savevm', 'upstream HMP savevm (qcow2 disk)', 'savevm', {}),
+]
+BASELINE = 'bg-file'    # pause ratios are against this one
+
+
+def drop_cache(path):
+    """fsync path, then drop its pages from the page cache: the next read
+    comes from the disk.  Returns the fsync's milliseconds."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        t0 = time.monotonic()
+        os.fsync(fd)
+        sync_ms = (time.monotonic() - t0) * 1000
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return sync_ms
+
+
+def seq_speeds(directory, mib=256):
+    """Sequential write (with fsync) and cold read speed, bytes/s, of
+    the file system holding directory."""
+    path = os.path.join(directory, 'seq-speed.tmp')
+    block = os.urandom(MIB)
+    try:
+        t0 = time.monotonic()
+        with open(path, 'wb', buffering=0) as f:
+            for _ in range(mib):
+                f.write(block)
+            os.fsync(f.fileno())
+        write_s = time.monotonic() - t0
+        drop_cache(path)
+        t0 = time.monotonic()
+        with open(path, 'rb', buffering=0) as f:
+            while f.read(MIB):
+                pass
+        read_s = time.monotonic() - t0
+    finally:
+        os.unlink(path)
+    return mib * MIB / write_s, mib * MIB / read_s
+
+
+def pauses(events):
+    """(total ms, count) of the STOP -> RESUME intervals in events."""
+    total, count, stopped = 0.0, 0, None
+    for ev in events:
+        if ev['event'] == 'STOP' and stopped is None:
+            stopped = event_time(ev)
+        elif ev['event'] == 'RESUME' and stopped is not None:
+            total += (event_time(ev) - stopped) * 1000
+            count += 1
+            stopped = None
+    return total, count
+
+
+class StateBench:
+    """Saves the VM state of one running guest in each way, then loads
+    each state into a fresh QEMU."""
+
+    def __init__(self, args, tmp):
+        self.args = args
+        self.tmp = tmp
+        self.image = os.path.join(tmp, 'state-disk.qcow2')
+        self.vm = None
+        self.vms = []
+
+    def vm_kw(self):
+        a = self.args
+        return dict(mem=a.state_guest_mem, mem_mib=a.dirty_mem_mib,
+                    dirty_mibs=a.state_dirty_mibs)
+
+    def boot(self):
+        guest.make_data_disk(self.image, self.args.disk_mib)
+        # Monitor 0 is the bench's (events), monitor 1 state.py's.
+        self.vm = VM('state', self.tmp, self.tmp, [self.image], ['/dev/vda'],
+                     n_qmp=2, **self.vm_kw())
+        self.vms.append(self.vm)
+        self.vm.launch()
+        self.vm.agent.wait_ready()
+        self.vm.wait_records(100, timeout=60)
+
+    def events(self):
+        """The QMP events since the last call."""
+        evs = self.vm.events + self.vm.qmp.get_events(wait=False)
+        self.vm.events = []
+        return evs
+
+    def wait_migration(self, vm, timeout=300.0):
+        """MIGRATION events until the migration ends; its status."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, ev in enumerate(vm.events):
+                if ev['event'] == 'MIGRATION' and ev['data']['status'] in (
+                        'completed', 'failed', 'cancelled'):
+                    vm.events.pop(i)
+                    return ev['data']['status']
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f'migration not finished in {timeout} s; '
+                                   f'{vm.diagnostics()}')
+            try:
+                vm.events.append(vm.qmp.pull_event(wait=float(left)))
+            except TimeoutError:
+                pass
+
+    def set_caps(self, vm, **caps):
+        vm.cmd('migrate-set-capabilities', capabilities=[
+            {'capability': k.replace('_', '-'), 'state': v}
+            for k, v in caps.items()])
+
+    # ---- saves ------------------------------------------------------------
+
+    def save_node(self, key, mode, fmt):
+        path = os.path.join(self.tmp, f'{key}.{fmt}')
+        t0 = time.monotonic()
+        result = asyncio.run(state.save_state(
+            self.vm.qmp_socks[1], file=path, fmt=fmt, create=True,
+            mode=mode, downtime_ms=self.args.downtime_ms,
+            log=lambda m: None))
+        total_s = time.monotonic() - t0
+        if not result.ok:
+            raise RuntimeError(f'{key}: save failed: {result.error}')
+        info = self.vm.cmd('query-migrate')
+        return {'path': path, 'fmt': fmt, 'total_s': total_s,
+                'downtime_ms': info.get('downtime'),
+                'save_ms': info.get('total-time', result.total_ms),
+                'written': result.bytes_written,
+                'load_bytes': os.stat(path).st_blocks * 512}
+
+    def save_file(self, key, bg, mapped_ram):
+        vm = self.vm
+        path = os.path.join(self.tmp, f'{key}.state')
+        self.set_caps(vm, events=True, background_snapshot=bg,
+                      mapped_ram=mapped_ram, pause_before_switchover=False)
+        vm.cmd('migrate-set-parameters', **{
+            'downtime-limit': self.args.downtime_ms})
+        t0 = time.monotonic()
+        vm.cmd('migrate', uri=f'file:{path}')
+        status = self.wait_migration(vm)
+        if status != 'completed':
+            raise RuntimeError(f'{key}: migration {status}: '
+                               f'{vm.cmd("query-migrate")}')
+        if not bg:
+            # Precopy to a file is a hand-over: the source is left in
+            # postmigrate, its images inactive.  Resuming it is part of
+            # the guest's pause.
+            vm.cmd('cont')
+        total_s = time.monotonic() - t0
+        info = vm.cmd('query-migrate')
+        self.set_caps(vm, background_snapshot=False, mapped_ram=False)
+        written = info['ram']['transferred']
+        st = os.stat(path)
+        return {'path': path, 'fmt': 'file', 'total_s': total_s,
+                'downtime_ms': info.get('downtime'),
+                'save_ms': info['total-time'], 'written': written,
+                'mapped_ram': mapped_ram,
+                # mapped-ram loads only the pages present; a stream, all
+                'load_bytes': (st.st_blocks * 512 if mapped_ram
+                               else st.st_size)}
+
+    def save_savevm(self, name):
+        vm = self.vm
+        before = os.stat(self.image).st_blocks * 512
+        t0 = time.monotonic()
+        out = vm.cmd('human-monitor-command',
+                     **{'command-line': f'savevm {name}'})
+        total_s = time.monotonic() - t0
+        if out.strip():
+            raise RuntimeError(f'savevm: {out.strip()}')
+        snaps = vm.cmd('query-block')[0]['inserted']['image'].get(
+            'snapshots', [])
+        size = [s for s in snaps if s['name'] == name][0]['vm-state-size']
+        return {'path': self.image, 'fmt': 'qcow2', 'snapshot': name,
+                'total_s': total_s,
+                'save_ms': total_s * 1000, 'written': size,
+                'allocated': os.stat(self.image).st_blocks * 512 - before,
+                'load_bytes': size}
+
+    def run_saves(self):
+        rows = []
+        for rnd in range(1, self.args.state_rounds + 1):
+            # Every other round in the opposite order: a save does not
+            # always follow the same one.
+            methods = STATE_METHODS if rnd % 2 else STATE_METHODS[::-1]
+            for key, label, kind, opts in methods:
+                rows.append(self.save_one(rnd, key, label, kind, opts))
+        return rows
+
+    def save_one(self, rnd, key, label, kind, opts):
+        _, _, lc = self.vm.mark(f'settle-{key}-{rnd}', timeout=30)
+        self.vm.wait_records(lc + 20, timeout=60)
+        self.vm.cmd('query-status')     # collect the events so far
+        self.events()
+        name = f'{key}-{rnd}'
+        if kind == 'node':
+            row = self.save_node(name, **opts)
+        elif kind == 'file':
+            row = self.save_file(name, **opts)
+        else:
+            row = self.save_savevm(name)
+        st = self.vm.cmd('query-status')
+        if not st['running']:
+            raise RuntimeError(f'{name}: the guest is {st["status"]} after '
+                               'the save')
+        # Catch the RESUME of a guest resumed just now.
+        time.sleep(0.1)
+        self.vm.cmd('query-status')
+        pause_ms, n = pauses(self.events())
+        row.update(key=key, round=rnd, label=label, kind=kind,
+                   pause_ms=pause_ms, pauses=n)
+        row.setdefault('allocated', os.stat(row['path']).st_blocks * 512)
+        # QEMU's file: transport does not fsync; block-node and savevm
+        # flush.  What is left to sync counts as save time.
+        row['sync_ms'] = (drop_cache(row['path']) if kind != 'savevm'
+                          else 0.0)
+        print(f'  round {rnd}: {label}: pause {pause_ms:.1f} ms, '
+              f'{row["total_s"]:.2f} s', file=sys.stderr, flush=True)
+        return row
+
+    # ---- loads ------------------------------------------------------------
+
+    def load(self, row):
+        """Load row's state into a fresh, paused QEMU; milliseconds."""
+        key = f'{row["key"]}-{row["round"]}'
+        extra = ['-S'] + ([] if row['kind'] == 'savevm'
+                          else ['-incoming', 'defer'])
+        vm = VM(f'load-{key}', self.tmp, self.tmp, [self.image],
+                ['/dev/vda'], extra_args=extra, **self.vm_kw())
+        self.vms.append(vm)
+        drop_cache(row['path'])
+        drop_cache(self.image)
+        vm.launch()
+        try:
+            if row['kind'] == 'savevm':
+                t0 = time.monotonic()
+                out = vm.cmd('human-monitor-command',
+                             **{'command-line':
+                                f'loadvm {row["snapshot"]}'})
+                ms = (time.monotonic() - t0) * 1000
+                if out.strip():
+                    raise RuntimeError(f'loadvm: {out.strip()}')
+                return ms
+            self.set_caps(vm, events=True,
+                          mapped_ram=row['kind'] == 'node' or
+                          row.get('mapped_ram', False))
+            if row['kind'] == 'node':
+                vm.cmd('blockdev-add', **{
+                    'driver': row['fmt'], 'node-name': 'vmstate0',
+                    'read-only': True,
+                    'file': {'driver': 'file', 'filename': row['path']}})
+                args = {'channels': [{
+                    'channel-type': 'main',
+                    'addr': {'transport': 'block-node',
+                             'node-name': 'vmstate0', 'offset': 0}}]}
+            else:
+                args = {'uri': f'file:{row["path"]}'}
+            t0 = time.monotonic()
+            vm.cmd('migrate-incoming', **args)
+            status = self.wait_migration(vm)
+            ms = (time.monotonic() - t0) * 1000
+            if status != 'completed':
+                raise RuntimeError(f'load {key}: {status}; '
+                                   f'{vm.diagnostics()}')
+            return ms
+        finally:
+            vm.shutdown()
+
+    def run(self):
+        self.seq_write, self.seq_read = seq_speeds(self.tmp)
+        self.boot()
+        try:
+            rows = self.run_saves()
+            self.check = self.vm.agent.check()
+            self.errors = self.vm.agent_errors()
+        finally:
+            self.vm.shutdown()
+        for row in rows:
+            row['load_ms'] = self.load(row)
+            if row['kind'] != 'savevm':
+                os.unlink(row['path'])
+        return rows
+
+
+def summarize_state(rows, bench):
+    """Per-round figures into rows; the medians per method."""
+    ram = bench.args.state_guest_mem * MIB
+    for r in rows:
+        save_s = (r['save_ms'] + r['sync_ms']) / 1000
+        r['written_per_ram'] = r['written'] / ram
+        r['allocated_per_ram'] = r['allocated'] / ram
+        r['save_bps'] = r['written'] / save_s
+        r['load_bps'] = r['load_bytes'] / (r['load_ms'] / 1000)
+    out = []
+    for key, label, _, _ in STATE_METHODS:
+        rs = [r for r in rows if r['key'] == key]
+        m = {'key': key, 'label': label, 'rounds': len(rs),
+             'pause_all_ms': [r['pause_ms'] for r in rs]}
+        for k in ('pause_ms', 'total_s', 'written_per_ram',
+                  'allocated_per_ram', 'save_ms', 'sync_ms', 'save_bps',
+                  'load_ms', 'load_bps'):
+            m[k] = statistics.median(r[k] for r in rs)
+        m['save_vs_seq_write'] = m['save_bps'] / bench.seq_write
+        m['load_vs_seq_read'] = m['load_bps'] / bench.seq_read
+        out.append(m)
+    base = [m for m in out if m['key'] == BASELINE][0]['pause_ms']
+    for m in out:
+        m['pause_vs_bg'] = m['pause_ms'] / base if base else None
+    return out
+
+
+def print_state_table(rows, bench, info):
+    a = bench.args
+    print(f'\nvmsnap bench, VM state ({a.state_rounds} rounds, medians): '
+          f'accel={info["accel"]}, guest '
+          f'{a.state_guest_mem} MiB, dirtying {a.dirty_mem_mib} MiB at '
+          f'{a.state_dirty_mibs} MiB/s, downtime-limit {a.downtime_ms} ms '
+          f'for every precopy; target file system: sequential write '
+          f'{bench.seq_write / MIB:.0f} MiB/s (with fsync), cold read '
+          f'{bench.seq_read / MIB:.0f} MiB/s')
+    hdr = (f'{"method":<33} {"pause":>7} {"x bg":>6} {"total":>6} '
+           f'{"written":>7} {"alloc":>6} {"save":>6} {"sync":>6} '
+           f'{"save":>9} {"x wr":>5} {"load":>7} {"load":>9} {"x rd":>5}')
+    print(hdr)
+    print(f'{"":<33} {"ms":>7} {"":>6} {"s":>6} {"/RAM":>7} {"/RAM":>6} '
+          f'{"ms":>6} {"ms":>6} {"MiB/s":>9} {"":>5} {"ms":>7} '
+          f'{"MiB/s":>9} {"":>5}')
+    print('-' * len(hdr))
+    for r in rows:
+        pvb = f'{r["pause_vs_bg"]:.2f}' if r['pause_vs_bg'] is not None \
+            else 'n/a'
+        print(f'{r["label"]:<33} {r["pause_ms"]:>7.1f} {pvb:>6} '
+              f'{r["total_s"]:>6.2f} {r["written_per_ram"]:>7.3f} '
+              f'{r["allocated_per_ram"]:>6.3f} {r["save_ms"]:>6.0f} '
+              f'{r["sync_ms"]:>6.0f} {r["save_bps"] / MIB:>9.0f} '
+              f'{r["save_vs_seq_write"]:>5.2f} {r["load_ms"]:>7.0f} '
+              f'{r["load_bps"] / MIB:>9.0f} {r["load_vs_seq_read"]:>5.2f}')
+    print()
+    print('pause per round (ms): ' + '; '.join(
+        f'{r["key"]} ' + ' '.join(f'{p:.1f}' for p in r['pause_all_ms'])
+        for r in rows))
+    print('pause: the guest\'s, STOP to RESUME in QEMU\'s events, summed; '
+          'for precopy to file: until "cont" resumed the source left in '
+          'postmigrate.  x bg: pause over upstream background-snapshot\'s.')
+    print('total: wall time of the whole save as a user runs it (ours: '
+          'vmsnap state.save, image creation and node set-up included).')
+    print('written: bytes QEMU wrote (query-migrate ram.transferred; '
+          'savevm: vm-state-size); alloc: bytes the file took on disk '
+          '(st_blocks; savevm: growth of the disk image).')
+    print('save ms: QEMU\'s total-time (savevm: the command); sync ms: '
+          'fsync of the file afterwards (file: does not sync; block-node '
+          'and savevm flush).  save MiB/s = written / (save + sync); '
+          'x wr: over the sequential write speed.')
+    print('load: a fresh QEMU (-incoming defer -S; savevm: -S and loadvm), '
+          'migrate-incoming to completed, page cache dropped first; load '
+          'MiB/s = bytes read (mapped-ram: allocated; stream: file size; '
+          'savevm: vm-state-size) / load time; x rd: over the cold '
+          'sequential read speed.')
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--rounds', type=int, default=5)
@@ -234,11 +634,47 @@ def main():
     ap.add_argument('--dirty-mibs', type=int, default=16)
     ap.add_argument('--gap-s', type=float, default=0.3,
                     help='rest between snapshots')
+    ap.add_argument('--state-guest-mem', type=int, default=1024,
+                    help='guest RAM in MiB for the VM state part '
+                    '(default 1024)')
+    ap.add_argument('--state-dirty-mibs', type=int, default=32,
+                    help='memory dirtying rate in MiB/s for the VM state '
+                    'part (default 32)')
+    ap.add_argument('--state-rounds', type=int, default=5,
+                    help='saves of each kind (default 5)')
+    ap.add_argument('--downtime-ms', type=int, default=20,
+                    help='downtime-limit of every precopy save (default 20)')
+    ap.add_argument('--skip-drain', action='store_true',
+                    help='leave out stop/cont versus drain')
+    ap.add_argument('--skip-state', action='store_true',
+                    help='leave out the VM state saves')
     ap.add_argument('--keep', action='store_true',
                     help='keep the temporary directory')
     args = ap.parse_args()
 
     tmp = tempfile.mkdtemp(prefix='vmsnap-bench-')
+    results = {}
+    t0 = time.monotonic()
+    try:
+        if not args.skip_drain:
+            results['drain'] = run_drain(args, tmp)
+        if not args.skip_state:
+            results['state'] = run_state(args, tmp)
+    finally:
+        if args.keep:
+            print(f'kept {tmp}', file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f'\n({time.monotonic() - t0:.0f} s in all)')
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(results, f, indent=2)
+            f.write('\n')
+    return 0
+
+
+def run_drain(args, tmp):
+    """Stop/cont against drain: rounds, table, ratios."""
     bench = Bench(args, tmp)
     t0 = time.monotonic()
     try:
@@ -249,10 +685,6 @@ def main():
     finally:
         if bench.vm is not None:
             bench.vm.shutdown()
-        if args.keep:
-            print(f'kept {tmp}', file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     info = {
         'rounds': args.rounds, 'accel': bench.vm.accel,
@@ -269,13 +701,35 @@ def main():
         print(f'agent errors: {errors}')
     print(f'(agent CHECK OK {check} at the end; {info["total_s"]:.0f} s '
           f'in all)')
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump({'info': info, 'rounds': rounds, 'summary': summary},
-                      f, indent=2)
-            f.write('\n')
-    return 0
+    return {'info': info, 'rounds': rounds, 'summary': summary}
 
+
+def run_state(args, tmp):
+    """The VM state saves and loads, side by side: table and ratios."""
+    print('\nVM state: saving one running guest in each way, then loading '
+          'each state into a fresh QEMU', file=sys.stderr, flush=True)
+    bench = StateBench(args, tmp)
+    t0 = time.monotonic()
+    try:
+        rows = bench.run()
+    finally:
+        for vm in bench.vms:
+            vm.shutdown(graceful=False)
+    info = {'accel': bench.vm.accel, 'guest_mem': args.state_guest_mem,
+            'dirty_mem_mib': args.dirty_mem_mib,
+            'dirty_mibs': args.state_dirty_mibs,
+            'downtime_ms': args.downtime_ms,
+            'seq_write_bps': bench.seq_write, 'seq_read_bps': bench.seq_read,
+            'total_s': time.monotonic() - t0,
+            'final_agent_check_newest_seq': bench.check,
+            'agent_errors': bench.errors}
+    summary = summarize_state(rows, bench)
+    print_state_table(summary, bench, info)
+    if bench.errors:
+        print(f'agent errors: {bench.errors}')
+    print(f'(agent CHECK OK {bench.check} on the saved guest at the end; '
+          f'{info["total_s"]:.0f} s in all)')
+    return {'info': info, 'rounds': rows, 'summary': summary}
 
 if __name__ == '__main__':
     sys.exit(main())
