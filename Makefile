@@ -50,7 +50,8 @@ check-series: qemu
 patches:
 	scripts/regen-patches.sh
 
-# Stop/cont versus drain, side by side, with ratios.
+# Stop/cont versus drain, then VM state saves (ours and upstream's),
+# side by side, with ratios.
 bench: all
 	$(RUN_PY) scripts/bench.py
 
