@@ -24,6 +24,8 @@ from typing import List, Optional, Sequence
 
 from qemu.qmp import EventListener, QMPClient, Runstate
 
+from .interrupt import run_interruptible
+
 
 @dataclasses.dataclass
 class DrainResult:
@@ -192,23 +194,4 @@ async def _cleanup(qmp, qga, listener, result, drain_began, freeze_start,
 
 def run(*args, **kwargs) -> DrainResult:
     """drain_snapshot() with Ctrl-C and SIGTERM turned into a clean stop."""
-    async def main():
-        task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-        interrupted = []
-
-        def interrupt():
-            # Only the first signal interrupts; the cleanup that follows
-            # (end the drain, thaw) must run to its end.
-            if not interrupted:
-                interrupted.append(True)
-                task.cancel()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, interrupt)
-        try:
-            return await drain_snapshot(*args, **kwargs)
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-    return asyncio.run(main())
+    return run_interruptible(drain_snapshot(*args, **kwargs))

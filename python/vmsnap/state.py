@@ -37,7 +37,6 @@ import dataclasses
 import inspect
 import os
 import shutil
-import signal
 import socket
 import stat
 import struct
@@ -47,6 +46,8 @@ import time
 from typing import Callable, Dict, List, Optional
 
 from qemu.qmp import EventListener, QMPClient, QMPError, Runstate
+
+from .interrupt import run_interruptible
 
 TERMINAL = ('completed', 'failed', 'cancelled')
 MODES = ('start', 'end')
@@ -648,38 +649,14 @@ async def load_state(qmp_path: str, node: Optional[str] = None,
     return result
 
 
-def _interruptible(coro):
-    """Run coro with Ctrl-C and SIGTERM turned into a clean stop."""
-    async def main():
-        task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-        interrupted = []
-
-        def interrupt():
-            # Only the first signal interrupts; the clean-up that follows
-            # (cancel the save, resume, remove the node) runs to its end.
-            if not interrupted:
-                interrupted.append(True)
-                task.cancel()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, interrupt)
-        try:
-            return await coro
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-    return asyncio.run(main())
-
-
 def save(*args, **kwargs) -> StateResult:
     """save_state(), interruptible by Ctrl-C and SIGTERM."""
-    return _interruptible(save_state(*args, **kwargs))
+    return run_interruptible(save_state(*args, **kwargs))
 
 
 def load(*args, **kwargs) -> StateResult:
     """load_state(), interruptible by Ctrl-C and SIGTERM."""
-    return _interruptible(load_state(*args, **kwargs))
+    return run_interruptible(load_state(*args, **kwargs))
 
 
 def size(qmp_path: str) -> Dict[str, int]:
