@@ -57,6 +57,8 @@ import sys
 import tempfile
 import time
 
+from qemu.qmp import QMPError
+
 from vmsnap import guest, state
 from vmsnap.vm import VM
 
@@ -351,26 +353,29 @@ class StateBench:
 
     def wait_migration(self, vm, timeout=300.0):
         """MIGRATION events until the migration ends; its status."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for i, ev in enumerate(vm.events):
-                if ev['event'] == 'MIGRATION' and ev['data']['status'] in (
-                        'completed', 'failed', 'cancelled'):
-                    vm.events.pop(i)
-                    return ev['data']['status']
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RuntimeError(f'migration not finished in {timeout} s; '
-                                   f'{vm.diagnostics()}')
-            try:
-                vm.events.append(vm.qmp.pull_event(wait=float(left)))
-            except TimeoutError:
-                pass
+        try:
+            ev = vm.wait_event('MIGRATION', timeout, match=lambda d: d[
+                'status'] in ('completed', 'failed', 'cancelled'))
+        except TimeoutError as err:
+            raise RuntimeError(f'migration not finished in {timeout} s; '
+                               f'{vm.diagnostics()}') from err
+        return ev['data']['status']
 
     def set_caps(self, vm, **caps):
-        vm.cmd('migrate-set-capabilities', capabilities=[
-            {'capability': k.replace('_', '-'), 'state': v}
-            for k, v in caps.items()])
+        # The last migration may still await its clean-up after its
+        # "completed" event; QEMU refuses new settings until then.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                vm.cmd('migrate-set-capabilities', capabilities=[
+                    {'capability': k.replace('_', '-'), 'state': v}
+                    for k, v in caps.items()])
+                return
+            except QMPError as err:
+                if 'not finalized yet' not in str(err) or \
+                        time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     # ---- saves ------------------------------------------------------------
 

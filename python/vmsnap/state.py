@@ -45,7 +45,8 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional
 
-from qemu.qmp import EventListener, QMPClient, QMPError, Runstate
+from qemu.qmp import (EventListener, ExecuteError, QMPClient, QMPError,
+                      Runstate)
 
 from .interrupt import run_interruptible
 
@@ -92,12 +93,25 @@ class StateResult:
 # Helpers
 
 async def _execute(qmp: QMPClient, cmd: str, args: Optional[dict] = None):
-    """qmp.execute() that gives up after QMP_TIMEOUT_S."""
-    try:
-        return await asyncio.wait_for(qmp.execute(cmd, args), QMP_TIMEOUT_S)
-    except asyncio.TimeoutError:
-        raise TimeoutError(f'QEMU did not answer {cmd} within '
-                           f'{QMP_TIMEOUT_S:.0f} s') from None
+    """qmp.execute() that gives up after QMP_TIMEOUT_S.
+
+    A migration reports "completed" before QEMU has cleaned it up, and
+    until then QEMU refuses new migration settings ("not finalized
+    yet"): those are retried.
+    """
+    deadline = time.monotonic() + QMP_TIMEOUT_S
+    while True:
+        try:
+            return await asyncio.wait_for(qmp.execute(cmd, args),
+                                          QMP_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f'QEMU did not answer {cmd} within '
+                               f'{QMP_TIMEOUT_S:.0f} s') from None
+        except ExecuteError as err:
+            if 'not finalized yet' not in str(err) or \
+                    time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
 
 
 def _channels(node: str, offset: int) -> List[dict]:

@@ -97,18 +97,21 @@ class VM:
         """Run QMP command name on self.qmp; its return value."""
         return self.qmp.cmd(name, **args)
 
-    def wait_event(self, name, timeout=10.0, **data):
+    def wait_event(self, name, timeout=10.0, match=None, **data):
         """Wait for QMP event name whose data has the given items.
 
-        Keyword names stand for QMP member names with '-' written '_'.
+        Keyword names stand for QMP member names with '-' written '_';
+        match, if given, is a further test of the event's data.
         Events pulled on the way are kept in self.events for later waits.
         """
         deadline = time.monotonic() + timeout
         while True:
             for i, ev in enumerate(self.events):
+                evdata = ev.get('data', {})
                 if ev['event'] == name and all(
-                        ev.get('data', {}).get(k.replace('_', '-')) == v
-                        for k, v in data.items()):
+                        evdata.get(k.replace('_', '-')) == v
+                        for k, v in data.items()) and \
+                        (match is None or match(evdata)):
                     return self.events.pop(i)
             left = deadline - time.monotonic()
             if left <= 0:
