@@ -627,6 +627,8 @@ def print_state_table(rows, bench, info):
 
 
 def main():
+    # vmsnap creates the state images with the qemu-img of this build
+    os.environ.setdefault('VMSNAP_QEMU_IMG', guest.qemu_img())
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--rounds', type=int, default=5)
     ap.add_argument('--json', help='write the results as JSON here')

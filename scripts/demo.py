@@ -48,6 +48,8 @@ def boot(workdir, name, disks, mode, qmp=True, qga=True, extra_args=()):
 
 
 def main():
+    # vmsnap creates the state image with the qemu-img of this build
+    os.environ.setdefault('VMSNAP_QEMU_IMG', guest.qemu_img())
     workdir = tempfile.mkdtemp(prefix='vmsnap-demo-')
     data = guest.make_data_disk(f'{workdir}/data.qcow2', 64, ext4=True)
     raw = guest.make_data_disk(f'{workdir}/raw.qcow2', 16)

@@ -37,9 +37,7 @@ import dataclasses
 import inspect
 import os
 import shutil
-import socket
 import stat
-import struct
 import subprocess
 import sys
 import time
@@ -134,41 +132,13 @@ def _node_options(node: str, path: str, fmt: str) -> dict:
             'file': {'driver': proto, 'filename': path}}
 
 
-def _qemu_pid(qmp: QMPClient) -> Optional[int]:
-    """QEMU's pid, from the credentials of the QMP socket's peer."""
-    try:
-        # qemu.qmp has no public accessor; its own send_fd_scm() does this.
-        sock = qmp._writer.transport.get_extra_info('socket')  # noqa
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                struct.calcsize('3i'))
-        return struct.unpack('3i', creds)[0] or None
-    except (AttributeError, OSError, struct.error):
-        return None
-
-
-def find_qemu_img(qemu_pid: Optional[int] = None) -> str:
-    """The qemu-img to create images with.
-
-    $VMSNAP_QEMU_IMG; else the qemu-img next to the binary of the QEMU
-    at the other end of the QMP socket (qemu_pid), so that a build tree
-    uses its own; else qemu-img on $PATH.
-    """
-    forced = os.environ.get('VMSNAP_QEMU_IMG')
-    if forced:
-        return forced
-    if qemu_pid:
-        try:
-            exe = os.readlink(f'/proc/{qemu_pid}/exe')
-            img = os.path.join(os.path.dirname(exe), 'qemu-img')
-            if os.access(img, os.X_OK):
-                return img
-        except OSError:
-            pass
-    img = shutil.which('qemu-img')
-    if img:
-        return img
-    raise FileNotFoundError('qemu-img not found: install it, put it on '
-                            'PATH or set VMSNAP_QEMU_IMG')
+def find_qemu_img() -> str:
+    """The qemu-img to create images with: $VMSNAP_QEMU_IMG, else PATH's."""
+    img = os.environ.get('VMSNAP_QEMU_IMG') or shutil.which('qemu-img')
+    if not img:
+        raise FileNotFoundError('qemu-img not found: install it, put it on '
+                                'PATH or set VMSNAP_QEMU_IMG')
+    return img
 
 
 def _create_image(qemu_img: str, path: str, fmt: str, size: int) -> None:
@@ -409,7 +379,7 @@ async def save_state(qmp_path: str, node: Optional[str] = None,
             f'{_mib(result.size["ram"])}, device state '
             f'{_mib(result.size["device-state"])})')
         if create:
-            img = find_qemu_img(_qemu_pid(qmp))
+            img = find_qemu_img()
             _create_image(img, file, fmt, offset + result.size['total'])
             result.created = True
             log(f'created {file} ({fmt}, {offset + result.size["total"]} '

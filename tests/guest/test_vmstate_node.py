@@ -38,6 +38,9 @@ import time
 from vmsnap import guest, state
 from vmsnap.vm import VM
 
+# state.save(create=True) creates the images with this build's qemu-img
+os.environ.setdefault('VMSNAP_QEMU_IMG', guest.qemu_img())
+
 from test_drain import GuestTest, TICKS_PER_S, newest_record
 
 GUEST_MEM = 256         # MiB of guest RAM
