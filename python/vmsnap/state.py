@@ -112,6 +112,12 @@ async def _execute(qmp: QMPClient, cmd: str, args: Optional[dict] = None):
             await asyncio.sleep(0.05)
 
 
+def _error_text(err: BaseException) -> str:
+    if isinstance(err, asyncio.CancelledError):
+        return 'interrupted'
+    return str(err) or type(err).__name__
+
+
 def _channels(node: str, offset: int) -> List[dict]:
     return [{'channel-type': 'main',
              'addr': {'transport': 'block-node', 'node-name': node,
@@ -413,9 +419,7 @@ async def save_state(qmp_path: str, node: Optional[str] = None,
             result.error = info.get('error-desc') or \
                 f'the save ended {result.status}'
     except (Exception, asyncio.CancelledError) as err:
-        result.error = str(err) or type(err).__name__
-        if isinstance(err, asyncio.CancelledError):
-            result.error = 'interrupted'
+        result.error = _error_text(err)
         log(f'error: {result.error}')
     finally:
         if progress is not None and hasattr(progress, 'done'):
@@ -600,9 +604,7 @@ async def load_state(qmp_path: str, node: Optional[str] = None,
             result.error = info.get('error-desc') or \
                 f'the load ended {result.status}'
     except (Exception, asyncio.CancelledError) as err:
-        result.error = str(err) or type(err).__name__
-        if isinstance(err, asyncio.CancelledError):
-            result.error = 'interrupted'
+        result.error = _error_text(err)
         if result.status is None and isinstance(err, QMPError):
             result.status = 'failed'
         log(f'error: {result.error}')
