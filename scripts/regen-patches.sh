@@ -17,7 +17,7 @@ cover=patches/cover-letter.txt
 [ -f "$cover" ] || die "$cover is missing"
 rm -f patches/[0-9][0-9][0-9][0-9]-*.patch
 git -C qemu format-patch -q --cover-letter --no-signature --zero-commit \
-  --subject-prefix='PATCH v2' -o "$here/patches" pristine..HEAD
+  --subject-prefix='PATCH v3' -o "$here/patches" pristine..HEAD
 
 # Fill in the cover letter's placeholders from cover-letter.txt.
 python3 - "$here/patches"/0000-cover-letter.patch "$cover" <<'PY'
