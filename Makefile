@@ -6,9 +6,13 @@ export VMSNAP_CACHE
 VENV_PY := $(VMSNAP_CACHE)/venv/bin/python3
 AVOCADO := $(VMSNAP_CACHE)/venv/bin/avocado
 RUN_PY := PYTHONPATH=$(CURDIR)/python $(VENV_PY)
+# make install: where the installed files are used from, and a staging
+# root prepended to every path written (for packaging).
+PREFIX ?= /usr/local
+DESTDIR ?=
 
-.PHONY: all setup qemu build guest demo check check-block check-guest \
-	check-series patches bench clean
+.PHONY: all setup qemu build guest install demo check check-block \
+	check-guest check-series patches bench clean
 
 # Default: host packages and venv, QEMU source with patches/ applied,
 # the patched build and the test guest.
@@ -25,6 +29,11 @@ build: qemu
 
 guest: setup
 	scripts/build-guest.sh
+
+# The patched QEMU binaries, their firmware and the vmsnap command into
+# $(DESTDIR)$(PREFIX), e.g. for libvirt's <emulator>.
+install: build
+	PREFIX='$(PREFIX)' DESTDIR='$(DESTDIR)' scripts/install.sh
 
 # Boot the guest, drain + snapshot it live, boot the snapshot and check it.
 demo: all
