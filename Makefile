@@ -12,7 +12,7 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 
 .PHONY: all setup qemu build guest install demo check check-block \
-	check-guest check-series patches bench clean
+	check-guest check-series check-install patches bench clean
 
 # Default: host packages and venv, QEMU source with patches/ applied,
 # the patched build and the test guest.
@@ -40,7 +40,7 @@ demo: all
 	$(RUN_PY) scripts/demo.py
 
 # Everything CI runs.
-check: check-block check-guest check-series
+check: check-block check-guest check-series check-install
 
 # Our iotests plus the upstream iotests we must not break.
 check-block: build
@@ -50,6 +50,11 @@ check-block: build
 check-guest: all
 	PYTHONPATH=$(CURDIR)/python $(AVOCADO) run --max-parallel-tasks=1 \
 		--job-results-dir=$(VMSNAP_CACHE)/avocado tests/guest/
+
+# make install into a scratch DESTDIR; the test guest boots from the
+# installed QEMU with its own firmware; the installed tools run.
+check-install: build guest
+	PREFIX='$(PREFIX)' scripts/check-install.sh
 
 # checkpatch.pl, and every prefix of patches/ builds.
 check-series: qemu
