@@ -6,9 +6,13 @@ export VMSNAP_CACHE
 VENV_PY := $(VMSNAP_CACHE)/venv/bin/python3
 AVOCADO := $(VMSNAP_CACHE)/venv/bin/avocado
 RUN_PY := PYTHONPATH=$(CURDIR)/python $(VENV_PY)
+# make install: where the installed files are used from, and a staging
+# root prepended to every path written (for packaging).
+PREFIX ?= /usr/local
+DESTDIR ?=
 
-.PHONY: all setup qemu build guest demo check check-block check-guest \
-	check-series patches bench clean
+.PHONY: all setup qemu build guest install demo check check-block \
+	check-guest check-series check-install patches bench clean
 
 # Default: host packages and venv, QEMU source with patches/ applied,
 # the patched build and the test guest.
@@ -26,12 +30,17 @@ build: qemu
 guest: setup
 	scripts/build-guest.sh
 
+# The patched QEMU binaries, their firmware and the vmsnap command into
+# $(DESTDIR)$(PREFIX), e.g. for libvirt's <emulator>.
+install: build
+	PREFIX='$(PREFIX)' DESTDIR='$(DESTDIR)' scripts/install.sh
+
 # Boot the guest, drain + snapshot it live, boot the snapshot and check it.
 demo: all
 	$(RUN_PY) scripts/demo.py
 
 # Everything CI runs.
-check: check-block check-guest check-series
+check: check-block check-guest check-series check-install
 
 # Our iotests plus the upstream iotests we must not break.
 check-block: build
@@ -41,6 +50,11 @@ check-block: build
 check-guest: all
 	PYTHONPATH=$(CURDIR)/python $(AVOCADO) run --max-parallel-tasks=1 \
 		--job-results-dir=$(VMSNAP_CACHE)/avocado tests/guest/
+
+# make install into a scratch DESTDIR; the test guest boots from the
+# installed QEMU with its own firmware; the installed tools run.
+check-install: build guest
+	PREFIX='$(PREFIX)' scripts/check-install.sh
 
 # checkpatch.pl, and every prefix of patches/ builds.
 check-series: qemu

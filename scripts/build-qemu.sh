@@ -36,15 +36,13 @@ fi
 ninja -C "$build" qemu-system-x86_64 qemu-img qemu-io qemu-nbd \
   storage-daemon/qemu-storage-daemon
 
-# Firmware from Debian's seabios, qemu-system-data and ipxe-qemu, where
-# the build's own -L directory looks for it.
+# Firmware from Debian's seabios, qemu-system-data and ipxe-qemu
+# (firmware_files in pins.sh), where the build's own -L directory looks
+# for it.
 data=$build/qemu-bundle/usr/local/share/qemu
 mkdir -p "$data"
-for dir in /usr/share/seabios /usr/share/qemu; do
-  for f in "$dir"/*.bin "$dir"/*.rom; do
-    [ -e "$f" ] || continue
-    ln -sf "$(readlink -f "$f")" "$data/$(basename "$f")"
-  done
-done
+while read -r name file; do
+  ln -sf "$file" "$data/$name"
+done < <(firmware_files)
 [ -e "$data/bios-256k.bin" ] ||
   die "bios-256k.bin is missing; install Debian's seabios (scripts/setup-host.sh)"

@@ -34,6 +34,26 @@ QEMU_CONFIGURE_ARGS=(--target-list=x86_64-softmmu --disable-docs
   --disable-rust --disable-user --enable-tools --disable-werror
   --disable-install-blobs --disable-download --enable-zstd --enable-fuse)
 
+# The firmware the x86 machine loads, which the "+ds" tarball lacks:
+# from Debian's seabios, qemu-system-data and ipxe-qemu (the NIC option
+# ROMs: virtio-net-pci and the other NICs fail to start without their
+# romfile).  build-qemu.sh links these files into its bundle and
+# install.sh copies them into the installed data directory.
+FIRMWARE_DIRS=(/usr/share/seabios /usr/share/qemu /usr/lib/ipxe/qemu)
+
+# One "NAME FILE" line per firmware file: the name QEMU looks up and the
+# file behind it, symlinks resolved.  A name in a later directory of
+# FIRMWARE_DIRS comes later and wins (bios-microvm.bin is qboot.rom).
+firmware_files() {
+  local dir f
+  for dir in "${FIRMWARE_DIRS[@]}"; do
+    for f in "$dir"/*.bin "$dir"/*.rom; do
+      [ -e "$f" ] || continue
+      echo "$(basename "$f") $(readlink -f "$f")"
+    done
+  done
+}
+
 # Everything downloaded or built outside the repository lives here.
 VMSNAP_CACHE=${VMSNAP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vmsnap}
 

@@ -152,7 +152,8 @@ def kernel_cmdline(mode='run', targets=(), mem_mib=0, dirty_mibs=0,
 def qemu_args(disks=(), mode='run', targets=(), mem_mib=0, dirty_mibs=0,
               write_interval_ms=None, agent_socket=None, qga_socket=None,
               console_log=None, mem=256, smp=1, accel='tcg', machine='pc',
-              qemu=None, extra_append='', extra_args=(), iothread=False):
+              qemu=None, firmware_dirs=None, extra_append='', extra_args=(),
+              iothread=False):
     """argv for qemu-system-x86_64 running the test guest.
 
     disks: image paths, or (path, format) pairs; disk i gets block node
@@ -168,17 +169,23 @@ def qemu_args(disks=(), mode='run', targets=(), mem_mib=0, dirty_mibs=0,
     org.qemu.guest_agent.0); None for no guest agent.
     console_log: file receiving the guest console (ttyS0).
     iothread: run the virtio-blk devices in an iothread ('iothread0').
+    qemu: the qemu-system-x86_64 to run (default: the build's).
+    firmware_dirs: the -L directories (default: the build's bundle); ()
+    for none, so that an installed QEMU has to find its own firmware.
     """
     kernel, initrd = guest_files()
-    argv = [qemu or qemu_system(),
-            '-L', str(FIRMWARE_DIR),
-            '-nodefaults', '-nic', 'none', '-display', 'none',
-            '-no-reboot',
-            '-machine', machine, '-accel', accel,
-            '-m', str(mem), '-smp', str(smp),
-            '-kernel', kernel, '-initrd', initrd,
-            '-append', kernel_cmdline(mode, targets, mem_mib, dirty_mibs,
-                                      write_interval_ms, extra_append)]
+    if firmware_dirs is None:
+        firmware_dirs = [FIRMWARE_DIR]
+    argv = [qemu or qemu_system()]
+    for d in firmware_dirs:
+        argv += ['-L', str(d)]
+    argv += ['-nodefaults', '-nic', 'none', '-display', 'none',
+             '-no-reboot',
+             '-machine', machine, '-accel', accel,
+             '-m', str(mem), '-smp', str(smp),
+             '-kernel', kernel, '-initrd', initrd,
+             '-append', kernel_cmdline(mode, targets, mem_mib, dirty_mibs,
+                                       write_interval_ms, extra_append)]
 
     # Serial ports in order: ttyS0 console, ttyS1 agent channel.  A port
     # nobody listens on still has to exist so the numbering holds.
