@@ -149,7 +149,7 @@ def _state_command(parser, opts):
         if opts.json:
             print(json.dumps(size))
         else:
-            for key in ('header', 'ram', 'device-state', 'total'):
+            for key in ('header', 'ram', 'device-state', 'checksums', 'total'):
                 print(f'{key + ":":14} {_fmt_bytes(size[key])}')
         return 0
 
