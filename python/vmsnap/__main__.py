@@ -94,6 +94,10 @@ def _add_state_commands(sub):
     p.add_argument('--downtime-ms', type=int, default=20,
                    help='mode end: the longest pause at the switchover '
                    'QEMU aims for (downtime-limit, default 20)')
+    p.add_argument('--max-write', type=float, default=2.0,
+                   help='mode end: switch over at once, whatever the '
+                   'pause, after writing this many times the size bound '
+                   '(default 2; 0 for no bound)')
 
     p = sub.add_parser(
         'load-state',
@@ -164,6 +168,7 @@ def _state_command(parser, opts):
                 sys.stderr, bar=False if opts.json else None)
             result = state.save(opts.qmp, mode=opts.mode,
                                 downtime_ms=opts.downtime_ms,
+                                max_write=opts.max_write or None,
                                 create=opts.create, progress=progress,
                                 **kwargs)
         else:
@@ -190,7 +195,10 @@ def _summary(r):
         lines.append(f'  mode:          {r.mode} (the state '
                      + ('when the save began)' if r.mode == 'start'
                         else 'at the switchover)'))
-        lines.append(f'  bytes written: {_fmt_bytes(r.bytes_written)}')
+        lines.append(f'  bytes written: {_fmt_bytes(r.bytes_written)}'
+                     + (f' in {r.passes} passes' if r.passes else '')
+                     + (' (switched over by --max-write)' if r.forced
+                        else ''))
         if r.size:
             lines.append(f'  size bound:    {_fmt_bytes(r.size["total"])} '
                          '(query-vmstate-size)')

@@ -41,7 +41,7 @@ import stat
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from qemu.qmp import (EventListener, ExecuteError, QMPClient, QMPError,
                       Runstate)
@@ -52,6 +52,9 @@ TERMINAL = ('completed', 'failed', 'cancelled')
 MODES = ('start', 'end')
 FORMATS = ('raw', 'qcow2')
 POLL_S = 0.2            # query-migrate period (MIGRATION events wake sooner)
+# downtime-limit that makes a precopy switch over at its next check:
+# the longest QEMU accepts (2000 s)
+FORCE_DOWNTIME_MS = 2000000
 NODE_DEL_S = 5.0        # how long blockdev-del retries a node still in use
 QMP_TIMEOUT_S = 30.0    # longest wait for any QMP answer: a QEMU that
                         # hangs must not hang us, in the clean-up least of all
@@ -75,6 +78,9 @@ class StateResult:
     pause_source: Optional[str] = None      # 'events' or 'downtime'
     downtime_ms: Optional[int] = None       # query-migrate's downtime
     switchover_ms: Optional[float] = None   # time in the at_switchover hook
+    passes: Optional[int] = None            # ram.dirty-sync-count
+    forced: bool = False            # mode end: max_write forced the end
+    outpaced: bool = False          # the guest dirtied faster than saved
     allocated: Optional[int] = None         # bytes the file takes on disk
     vm_status: Optional[str] = None         # query-status at the end
     error: Optional[str] = None
@@ -333,6 +339,7 @@ async def save_state(qmp_path: str, node: Optional[str] = None,
                      downtime_ms: int = 20, create: bool = False,
                      at_switchover: Optional[Callable] = None,
                      progress: Optional[Callable[[dict], None]] = None,
+                     max_write: Optional[float] = 2.0,
                      log=print) -> StateResult:
     """Save the VM state of the QEMU at qmp_path into a block node.
 
@@ -346,6 +353,12 @@ async def save_state(qmp_path: str, node: Optional[str] = None,
     flushed, e.g. to copy the disk images at the same instant; a plain
     function runs in a thread, a coroutine function is awaited.
     progress: called with every query-migrate answer.
+    max_write (mode 'end'): once the save has written this many times
+    the size bound, it switches over at once, however long the guest
+    then pauses to write what is still dirty (None: no bound).  A guest
+    that dirties memory faster than the target is written would
+    otherwise make the save go on, and write, without end; this is
+    logged when it happens, mode 'start' never has to converge.
     Never leaves the save running or the guest paused.
     """
     _check_target(node, file, fmt, create)
@@ -356,6 +369,8 @@ async def save_state(qmp_path: str, node: Optional[str] = None,
                          'snapshot has no switchover')
     if offset < 0:
         raise ValueError('offset must not be negative')
+    if max_write is not None and max_write <= 0:
+        raise ValueError('max_write must be positive')
     if file is not None:
         file = os.path.abspath(file)
         if create and os.path.exists(file):
@@ -411,8 +426,17 @@ async def save_state(qmp_path: str, node: Optional[str] = None,
             raise
         log(f'saving the {mode}-instant state into node {node!r} at offset '
             f'{offset}, guest {"running" if was_running else "paused"}')
+        limit = (max_write * result.size['total']
+                 if mode == 'end' and max_write else None)
+
+        async def switch_over_now():
+            # restore() puts back the downtime-limit the save began with
+            if caps.saved_downtime is None:
+                caps.saved_downtime = downtime_ms
+            await switch_over_now()
+
         info = await _follow(qmp, listener, progress, at_switchover, result,
-                             log)
+                             log, limit, switch_over_now)
         migrating = False
         _take_info(result, info)
         if result.status != 'completed':
@@ -429,8 +453,17 @@ async def save_state(qmp_path: str, node: Optional[str] = None,
     return result
 
 
-async def _follow(qmp, listener, progress, at_switchover, result, log):
-    """Follow the migration until it ends; its last query-migrate."""
+def _dirty_rate(info) -> Tuple[float, float]:
+    """Bytes per second the guest dirties, and the save writes"""
+    ram = info.get('ram', {})
+    dirty = ram.get('dirty-pages-rate', 0) * ram.get('page-size', 4096)
+    return dirty, ram.get('mbps', 0) * 1e6 / 8
+
+
+async def _follow(qmp, listener, progress, at_switchover, result, log,
+                  limit=None, switch_over_now=None):
+    """Follow the migration until it ends; its last query-migrate.
+    limit: bytes written after which switch_over_now() is awaited."""
     hooked = False
     while True:
         info = await _execute(qmp, 'query-migrate')
@@ -440,6 +473,23 @@ async def _follow(qmp, listener, progress, at_switchover, result, log):
             progress(info)
         if status in TERMINAL:
             return info
+        dirty, written = _dirty_rate(info)
+        if status == 'active' and not result.outpaced and \
+                (result.passes or 0) >= 3 and dirty > written > 0:
+            result.outpaced = True
+            log(f'the guest dirties {_mib(dirty)}/s, more than the '
+                f'{_mib(written)}/s written to the target: the save cannot '
+                'converge by itself' + (f'; it switches over once it has '
+                                        f'written {_mib(limit)}'
+                                        if limit else '') +
+                ' (mode start does not have to converge)')
+        if limit and not result.forced and status == 'active' and \
+                (result.bytes_written or 0) >= limit:
+            result.forced = True
+            log(f'{_mib(result.bytes_written)} written in {result.passes} '
+                f'passes, the limit is {_mib(limit)}: switching over now')
+            await _execute(qmp, 'migrate-set-parameters',
+                           {'downtime-limit': FORCE_DOWNTIME_MS})
         if status == 'pre-switchover' and not hooked:
             hooked = True
             if progress is not None and hasattr(progress, 'done'):
@@ -466,6 +516,7 @@ def _take_info(result, info):
     result.status = info.get('status')
     if 'ram' in info:
         result.bytes_written = info['ram'].get('transferred')
+        result.passes = info['ram'].get('dirty-sync-count')
     if 'downtime' in info:
         result.downtime_ms = info['downtime']
 

@@ -51,6 +51,9 @@ SAVE_TIMEOUT = 120      # s; a save still running then is stuck
 # of the negative control are copied.  The restored guest writes on
 # before its CHECK; it must stay well behind the later disks.
 NEG_AHEAD = 120
+# A guest that does not converge: it dirties BUSY_DIRTY MiB of its
+# BUSY_MEM MiB as fast as it can (far beyond what TCG reaches)
+BUSY_MEM, BUSY_DIRTY, BUSY_RATE = 512, 128, 8192
 
 
 def event_time(ev):
@@ -156,7 +159,8 @@ class VMStateNode(GuestTest):
         vm.cmd('cont')
         return lc, copies
 
-    def restore(self, name, copies, state_file, mode):
+    def restore(self, name, copies, state_file, mode, mem=GUEST_MEM,
+                mem_mib=DIRTY_MEM, dirty_mibs=DIRTY_RATE):
         """A fresh QEMU on copies loads state_file; the restored VM.
 
         A state saved in mode start holds the run state 'paused': the
@@ -165,8 +169,8 @@ class VMStateNode(GuestTest):
         here.  A state saved in mode end runs as soon as it is loaded.
         """
         vm = VM(name, self.sockdir, self.logdir, copies, self.TARGETS,
-                n_qmp=2, mem=GUEST_MEM, mem_mib=DIRTY_MEM,
-                dirty_mibs=DIRTY_RATE, extra_args=['-incoming', 'defer'])
+                n_qmp=2, mem=mem, mem_mib=mem_mib, dirty_mibs=dirty_mibs,
+                extra_args=['-incoming', 'defer'])
         self.vms.append(vm)
         vm.launch()
         result = asyncio.run(state.load_state(
@@ -323,3 +327,52 @@ class VMStateNode(GuestTest):
 
     def test_end_qcow2(self):
         self.save_load_check('end', 'qcow2')
+
+    def test_end_not_converging(self):
+        """A guest dirtying memory faster than the target is written: the
+        save switches over once it has written max_write times the size
+        bound, and the state it took restores consistently."""
+        self.disks = [guest.make_data_disk(self.path('d0.qcow2'), 8),
+                      guest.make_data_disk(self.path('d1.raw'), 8,
+                                           fmt='raw')]
+        vm = self.vm('src', self.disks, self.TARGETS, n_qmp=2, mem=BUSY_MEM,
+                     mem_mib=BUSY_DIRTY, dirty_mibs=BUSY_RATE)
+        vm.wait_records(50, timeout=60)
+        state_file = self.path('vmstate.raw')
+        copies = [self.path(f'state-{os.path.basename(d)}')
+                  for d in self.disks]
+
+        def copy_disks():
+            for src, dst in zip(self.disks, copies):
+                subprocess.run(['cp', '--reflink=auto', src, dst],
+                               check=True)
+
+        thread, box = self.start_save(vm, file=state_file, fmt='raw',
+                                      create=True, mode='end', downtime_ms=20,
+                                      at_switchover=copy_disks, max_write=1.0)
+        result, _ = self.finish_save(vm, thread, box)
+        bound = result.size['total']
+        self.log.info('not converging: %d bytes written in %s passes '
+                      '(%.2f x the bound of %d), forced %s, outpaced %s, '
+                      'guest paused %.1f ms, QEMU downtime %s ms',
+                      result.bytes_written, result.passes,
+                      result.bytes_written / bound, bound, result.forced,
+                      result.outpaced, result.pause_ms or -1,
+                      result.downtime_ms)
+        self.assertTrue(result.forced, 'the save converged by itself: the '
+                        'guest does not dirty fast enough for this test')
+        # The bound, plus the last pass, which writes at most all of RAM
+        self.assertLessEqual(result.bytes_written, 2 * bound)
+        self.assertEqual(vm.cmd('query-status')['status'], 'running')
+        # The wrapper put back the downtime-limit it forced
+        self.assertEqual(vm.cmd('query-migrate-parameters')['downtime-limit'],
+                         300)
+        vm.shutdown()
+
+        restored = self.restore('restored', copies, state_file, 'end',
+                                mem=BUSY_MEM, mem_mib=BUSY_DIRTY,
+                                dirty_mibs=BUSY_RATE)
+        seq = self.assert_live_check(restored)
+        restored.wait_records(seq + 20, timeout=30)
+        self.assert_live_check(restored)
+        restored.shutdown()
