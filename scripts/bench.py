@@ -626,6 +626,127 @@ def print_state_table(rows, bench, info):
           'sequential read speed.')
 
 
+class BusyBench:
+    """A guest that dirties memory faster than a save can write it: each
+    way of saving it, once each per round, with the pause, the traffic
+    and the time; precopies that do not end are cancelled."""
+
+    def __init__(self, args, tmp):
+        self.args = args
+        self.tmp = tmp
+        self.vm = None
+
+    def boot(self):
+        a = self.args
+        disk = os.path.join(self.tmp, 'busy-disk.qcow2')
+        guest.make_data_disk(disk, a.disk_mib)
+        self.vm = VM('busy', self.tmp, self.tmp, [disk], ['/dev/vda'],
+                     n_qmp=2, mem=a.busy_guest_mem, mem_mib=a.busy_dirty_mib,
+                     dirty_mibs=8192)
+        self.vm.launch()
+        self.vm.agent.wait_ready()
+        self.vm.wait_records(50, timeout=60)
+
+    def ours(self, mode, max_write):
+        path = os.path.join(self.tmp, 'busy.raw')
+        result = asyncio.run(state.save_state(
+            self.vm.qmp_socks[1], file=path, fmt='raw', create=True,
+            mode=mode, downtime_ms=self.args.downtime_ms,
+            max_write=max_write, log=lambda m: None))
+        os.unlink(path)
+        if not result.ok:
+            raise RuntimeError(f'busy {mode}: save failed: {result.error}')
+        return {'written': result.bytes_written, 'bound':
+                result.size['total'], 'passes': result.passes,
+                'total_s': result.total_ms / 1000, 'completed': True}
+
+    def upstream(self, limit_s):
+        """Upstream mapped-ram precopy to file:, cancelled after limit_s"""
+        vm = self.vm
+        path = os.path.join(self.tmp, 'busy.state')
+        StateBench.set_caps(self, vm, events=True, mapped_ram=True,
+                            background_snapshot=False,
+                            pause_before_switchover=False)
+        vm.cmd('migrate-set-parameters',
+               **{'downtime-limit': self.args.downtime_ms})
+        t0 = time.monotonic()
+        vm.cmd('migrate', uri=f'file:{path}')
+        deadline = t0 + limit_s
+        while True:
+            info = vm.cmd('query-migrate')
+            if info['status'] in ('completed', 'failed'):
+                break
+            if time.monotonic() > deadline:
+                vm.cmd('migrate_cancel')
+                while vm.cmd('query-migrate')['status'] not in (
+                        'cancelled', 'failed'):
+                    time.sleep(0.05)
+                break
+            time.sleep(0.1)
+        if info['status'] == 'completed':
+            vm.cmd('cont')
+        total_s = time.monotonic() - t0
+        StateBench.set_caps(self, vm, mapped_ram=False)
+        if os.path.exists(path):
+            os.unlink(path)
+        ram = info.get('ram', {})
+        return {'written': ram.get('transferred', 0),
+                'bound': self.vm.cmd('query-vmstate-size')['total'],
+                'passes': ram.get('dirty-sync-count'),
+                'total_s': total_s,
+                'completed': info['status'] == 'completed'}
+
+    def run(self):
+        a = self.args
+        ways = [('ours-end', 'block-node, end, --max-write 2',
+                 lambda: self.ours('end', 2.0)),
+                ('ours-start', 'block-node, start',
+                 lambda: self.ours('start', None)),
+                ('upstream-end', f'upstream file: mapped-ram precopy '
+                 f'(cancel at {a.busy_limit_s} s)',
+                 lambda: self.upstream(a.busy_limit_s))]
+        rows = []
+        self.boot()
+        try:
+            for rnd in range(1, a.busy_rounds + 1):
+                for key, label, fn in ways:
+                    self.vm.cmd('query-status')
+                    StateBench.events(self)
+                    row = fn()
+                    time.sleep(0.1)
+                    self.vm.cmd('query-status')
+                    row['pause_ms'], _ = pauses(StateBench.events(self))
+                    row.update(key=key, label=label, round=rnd)
+                    rows.append(row)
+                    print(f'  busy round {rnd}: {label}: pause '
+                          f'{row["pause_ms"]:.1f} ms, written '
+                          f'{row["written"] / row["bound"]:.2f} x bound',
+                          file=sys.stderr, flush=True)
+            self.check = self.vm.agent.check()
+        finally:
+            self.vm.shutdown(graceful=False)
+        return rows
+
+
+def print_busy_table(rows, args):
+    print(f'\nvmsnap bench, a guest that does not converge: '
+          f'{args.busy_guest_mem} MiB guest rewriting '
+          f'{args.busy_dirty_mib} MiB as fast as it can, downtime-limit '
+          f'{args.downtime_ms} ms, {args.busy_rounds} rounds, medians')
+    print(f'{"method":<48} {"pause ms":>9} {"written/bound":>14} '
+          f'{"passes":>7} {"total s":>8} {"completed":>10}')
+    for key in dict.fromkeys(r['key'] for r in rows):
+        rs = [r for r in rows if r['key'] == key]
+        med = lambda k: statistics.median(r[k] or 0 for r in rs)
+        done = sum(r['completed'] for r in rs)
+        print(f'{rs[0]["label"]:<48} {med("pause_ms"):>9.1f} '
+              f'{statistics.median(r["written"] / r["bound"] for r in rs):>14.2f} '
+              f'{med("passes"):>7.0f} {med("total_s"):>8.2f} '
+              f'{done:>4}/{len(rs):<5}')
+    print('written/bound: bytes written (ram.transferred) over '
+          'query-vmstate-size; a cancelled precopy saved nothing usable.')
+
+
 def main():
     # vmsnap creates the state images with the qemu-img of this build
     os.environ.setdefault('VMSNAP_QEMU_IMG', guest.qemu_img())
@@ -655,6 +776,14 @@ def main():
                     help='leave out stop/cont versus drain')
     ap.add_argument('--skip-state', action='store_true',
                     help='leave out the VM state saves')
+    ap.add_argument('--skip-busy', action='store_true',
+                    help='leave out the guest that does not converge')
+    ap.add_argument('--busy-guest-mem', type=int, default=512)
+    ap.add_argument('--busy-dirty-mib', type=int, default=128)
+    ap.add_argument('--busy-rounds', type=int, default=3)
+    ap.add_argument('--busy-limit-s', type=int, default=30,
+                    help='cancel an upstream precopy of the busy guest '
+                    'after this long (default 30)')
     ap.add_argument('--keep', action='store_true',
                     help='keep the temporary directory')
     args = ap.parse_args()
@@ -667,6 +796,11 @@ def main():
             results['drain'] = run_drain(args, tmp)
         if not args.skip_state:
             results['state'] = run_state(args, tmp)
+        if not args.skip_busy:
+            bench = BusyBench(args, tmp)
+            rows = bench.run()
+            print_busy_table(rows, args)
+            results['busy'] = rows
     finally:
         if args.keep:
             print(f'kept {tmp}', file=sys.stderr)
