@@ -12,7 +12,7 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 
 .PHONY: all setup qemu build guest install demo check check-block \
-	check-guest check-series check-install patches bench clean
+	check-guest check-series check-install check-rbd patches bench clean
 
 # Default: host packages and venv, QEMU source with patches/ applied,
 # the patched build and the test guest.
@@ -55,6 +55,12 @@ check-guest: all
 # installed QEMU with its own firmware; the installed tools run.
 check-install: build guest
 	PREFIX='$(PREFIX)' scripts/check-install.sh
+
+# The VM state saved into and loaded from rbd images of a throwaway
+# one-node Ceph cluster (scripts/ceph-cluster.sh), stopped afterwards.
+# Skipped, with the reason, where QEMU has no rbd driver.
+check-rbd: build
+	scripts/check-rbd.sh
 
 # checkpatch.pl, and every prefix of patches/ builds.
 check-series: qemu

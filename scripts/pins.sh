@@ -34,6 +34,15 @@ QEMU_CONFIGURE_ARGS=(--target-list=x86_64-softmmu --disable-docs
   --disable-rust --disable-user --enable-tools --disable-werror
   --disable-install-blobs --disable-download --enable-zstd --enable-fuse)
 
+# Ceph from Debian, for QEMU's rbd driver (librbd-dev, librados-dev) and
+# the one-node cluster of the rbd tests (scripts/ceph-cluster.sh):
+# on this Debian release, setup-host.sh installs exactly this version of
+# CEPH_PACKAGES (their dependencies come at the same version); another
+# release gets its own version, and says so.
+CEPH_DEBIAN_CODENAME=bookworm
+CEPH_DEBIAN_VERSION=16.2.15+ds-0+deb12u2
+CEPH_PACKAGES=(ceph-mon ceph-mgr ceph-osd ceph-common librbd-dev librados-dev)
+
 # The firmware the x86 machine loads, which the "+ds" tarball lacks:
 # from Debian's seabios, qemu-system-data and ipxe-qemu (the NIC option
 # ROMs: virtio-net-pci and the other NICs fail to start without their

@@ -20,21 +20,40 @@ APT_PACKAGES=(
   curl xz-utils cpio kmod e2fsprogs btrfs-progs xfsprogs perl
   # qemu-guest-agent's run-time libraries, copied into the guest
   libglib2.0-0 libnuma1 libudev1 liburing2
+  # uuidgen for scripts/ceph-cluster.sh; Ceph itself is added below
+  uuid-runtime
 )
 
 sudo=
 [ "$(id -u)" = 0 ] || sudo=sudo
 
+# Ceph (CEPH_PACKAGES in pins.sh) at the version pinned for this release:
+# NAME=VERSION, which apt installs (or changes to) exactly.
+codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+if [ "$codename" = "$CEPH_DEBIAN_CODENAME" ]; then
+  APT_PACKAGES+=("${CEPH_PACKAGES[@]/%/=$CEPH_DEBIAN_VERSION}")
+else
+  note "no Ceph version pinned for Debian '$codename' (pins.sh): using its own"
+  APT_PACKAGES+=("${CEPH_PACKAGES[@]}")
+fi
+
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed' ||
-    missing+=("$p")
+  name=${p%%=*}
+  st=$(dpkg-query -W -f='${Status} ${Version}' "$name" 2>/dev/null) || st=
+  if [ "$name" = "$p" ]; then
+    [[ $st == "install ok installed "* ]] || missing+=("$p")
+  else    # NAME=VERSION: that version
+    [ "$st" = "install ok installed ${p#*=}" ] || missing+=("$p")
+  fi
 done
 if [ ${#missing[@]} -gt 0 ]; then
   note "installing Debian packages: ${missing[*]}"
   $sudo apt-get update -q
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q \
-    --no-install-recommends "${missing[@]}"
+    --no-install-recommends "${missing[@]}" ||
+    die "apt-get install failed; if a pinned version (pins.sh) is no longer in
+the archive, pin the one it has: apt-cache policy ${missing[*]%%=*}"
 fi
 
 venv=$VMSNAP_CACHE/venv
