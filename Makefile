@@ -40,7 +40,7 @@ demo: all
 	$(RUN_PY) scripts/demo.py
 
 # Everything CI runs.
-check: check-block check-guest check-series check-install
+check: check-block check-guest check-rbd check-series check-install
 
 # Our iotests plus the upstream iotests we must not break.
 check-block: build

@@ -27,10 +27,15 @@ for fd in $(sed -n "s/^ *'\(edk2-[a-z0-9_-]*\.fd\)',\$/\1/p" \
   fi
 done
 
-if [ ! -f "$build/build.ninja" ]; then
+# Configure again (ccache keeps that cheap) when the options changed.
+args_file=$build/vmsnap-configure-args
+if [ ! -f "$build/build.ninja" ] ||
+   [ "$(cat "$args_file" 2>/dev/null)" != "${QEMU_CONFIGURE_ARGS[*]}" ]; then
+  rm -rf "$build"
   mkdir -p "$build"
   (cd "$build" && ../configure --python="$venv/bin/python3" \
      --cc="ccache gcc" --cxx="ccache g++" "${QEMU_CONFIGURE_ARGS[@]}")
+  echo "${QEMU_CONFIGURE_ARGS[*]}" > "$args_file"
 fi
 
 ninja -C "$build" qemu-system-x86_64 qemu-img qemu-io qemu-nbd \

@@ -29,10 +29,12 @@ check_qemu_gitlink() {
 # How QEMU is configured, by scripts/build-qemu.sh and, for each prefix of
 # the series, scripts/check-series.sh: the same options, so that ccache
 # serves the prefix builds from the main build.  zstd and FUSE exports
-# are on so that the iotests that need them run.
+# are on so that the iotests that need them run, rbd so that VM states
+# can be saved into Ceph images (scripts/check-rbd.sh).
 QEMU_CONFIGURE_ARGS=(--target-list=x86_64-softmmu --disable-docs
   --disable-rust --disable-user --enable-tools --disable-werror
-  --disable-install-blobs --disable-download --enable-zstd --enable-fuse)
+  --disable-install-blobs --disable-download --enable-zstd --enable-fuse
+  --enable-rbd)
 
 # Ceph from Debian, for QEMU's rbd driver (librbd-dev, librados-dev) and
 # the one-node cluster of the rbd tests (scripts/ceph-cluster.sh):
