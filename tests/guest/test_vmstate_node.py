@@ -236,8 +236,9 @@ class VMStateNode(GuestTest):
         self.assert_ran_during_save(vm, 'start', t_cont, t1, lc)
         return result, copies, lc
 
-    def save_end(self, vm, state_file, fmt):
-        """Mode end: copy the disks at the switchover."""
+    def disk_copier(self):
+        """Paths for copies of the disks, and a function that makes them
+        (the at_switchover hook of a save at the end)."""
         copies = [self.path(f'state-{os.path.basename(d)}')
                   for d in self.disks]
 
@@ -245,7 +246,11 @@ class VMStateNode(GuestTest):
             for src, dst in zip(self.disks, copies):
                 subprocess.run(['cp', '--reflink=auto', src, dst],
                                check=True)
+        return copies, copy_disks
 
+    def save_end(self, vm, state_file, fmt):
+        """Mode end: copy the disks at the switchover."""
+        copies, copy_disks = self.disk_copier()
         _, _, lc = vm.mark('before-save')
         t0 = time.monotonic()
         thread, box = self.start_save(vm, file=state_file, fmt=fmt,
@@ -339,14 +344,7 @@ class VMStateNode(GuestTest):
                      mem_mib=BUSY_DIRTY, dirty_mibs=BUSY_RATE)
         vm.wait_records(50, timeout=60)
         state_file = self.path('vmstate.raw')
-        copies = [self.path(f'state-{os.path.basename(d)}')
-                  for d in self.disks]
-
-        def copy_disks():
-            for src, dst in zip(self.disks, copies):
-                subprocess.run(['cp', '--reflink=auto', src, dst],
-                               check=True)
-
+        copies, copy_disks = self.disk_copier()
         thread, box = self.start_save(vm, file=state_file, fmt='raw',
                                       create=True, mode='end', downtime_ms=20,
                                       at_switchover=copy_disks, max_write=1.0)
