@@ -412,8 +412,18 @@ class StateBench:
         if not bg:
             # Precopy to a file is a hand-over: the source is left in
             # postmigrate, its images inactive.  Resuming it is part of
-            # the guest's pause.
-            vm.cmd('cont')
+            # the guest's pause.  The "completed" event comes just before
+            # the source leaves finish-migrate, when cont is refused.
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    vm.cmd('cont')
+                    break
+                except QMPError as err:
+                    if 'not finalized yet' not in str(err) or \
+                            time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.005)
         total_s = time.monotonic() - t0
         info = vm.cmd('query-migrate')
         self.set_caps(vm, background_snapshot=False, mapped_ram=False)
