@@ -111,6 +111,9 @@ if [ "${1:-}" = --in-namespace ]; then
     note "migration-test with /dev/kvm visible (VMSNAP_ACCEL=kvm)"
   fi
 
+  # The overall timeout or a Ctrl-C ends the test that is running too.
+  child=
+  trap '[ -z "$child" ] || kill -TERM "$child" 2>/dev/null; exit 143' TERM INT HUP
   export QTEST_QEMU_BINARY=$build/qemu-system-x86_64
   # analyze-script runs scripts/analyze-migration.py (relative to the
   # build directory) with $PYTHON, as "meson test" sets it.
@@ -142,9 +145,15 @@ if [ "${1:-}" = --in-namespace ]; then
     done < <(awk -v p="$t/" 'index($0, p) == 1' "$log/list")
     start=$SECONDS
     rc=0
+    # timeout(1) runs in a process group of its own: in the background,
+    # so that the trap below can pass it a TERM (the QEMUs go with
+    # migration-test: exit-with-parent).
     QTEST_QEMU_MACHINE_TYPE=$machine timeout -k 10 "$test_timeout" \
       ./tests/qtest/migration-test --full -p "$t" "${skips[@]}" \
-      > "$log/out" 2>&1 || rc=$?
+      > "$log/out" 2>&1 &
+    child=$!
+    wait "$child" || rc=$?
+    child=
     secs=$((SECONDS - start))
     cp "$log/out" "$logs/$machine-$(echo "${t#/x86_64/migration/}" | tr / _).log"
     # This very test's TAP line (the skipped ones below it have theirs).
