@@ -12,7 +12,8 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 
 .PHONY: all setup qemu build guest install demo check check-block \
-	check-guest check-series check-install check-rbd patches bench clean
+	check-migration check-guest check-series check-install check-rbd \
+	patches bench clean
 
 # Default: host packages and venv, QEMU source with patches/ applied,
 # the patched build and the test guest.
@@ -40,11 +41,17 @@ demo: all
 	$(RUN_PY) scripts/demo.py
 
 # Everything CI runs.
-check: check-block check-guest check-rbd check-series check-install
+check: check-block check-migration check-guest check-rbd check-series \
+	check-install
 
 # Our iotests plus the upstream iotests we must not break.
 check-block: build
 	scripts/check-block.sh
+
+# Upstream's migration qtests (migration-test --full) for the transports
+# and code the series touches, under TCG with /dev/kvm hidden.
+check-migration: build
+	scripts/check-migration.sh
 
 # Guest-level tests: results checked inside the guest by the agent.
 check-guest: all
