@@ -1,0 +1,202 @@
+"""Guest-level tests of snapshot-group: disks and VM state at one instant.
+
+The test guest's agent writes numbered, checksummed records to two
+disks (a qcow2 and a raw image) and keeps memory changing.  One
+snapshot-group takes both disks and the VM state into a raw block node
+while the guest runs, each disk its own way, as a backup tool would:
+
+ - the qcow2 disk as an internal snapshot (at the start instant) or an
+   external overlay (at the end instant);
+ - the raw disk drained, for a snapshot of the storage underneath: the
+   test copies its image on the host while the group's drain holds the
+   guest's requests, then ends the drain, as LVM or Ceph would be asked
+   to snapshot the volume.
+
+The restore is a fresh QEMU (-incoming defer) on the disks as the
+group took them (the internal snapshot converted to an image, or the
+image under the overlay; the host copy) that loads the state.  It
+must run by itself, and its agent's CHECK must find disks and RAM in
+agreement: any request the drain held and the state lost, or any write
+after the instant on one disk and not the other, fails it.  The
+negative control loads the same state with the raw disk copied later
+and must fail that check.
+
+Run with:
+
+    PYTHONPATH=python $venv/bin/avocado run tests/guest/test_snapshot_group.py
+"""
+
+import asyncio
+import os
+import subprocess
+import time
+
+from vmsnap import guest, state
+from vmsnap.vm import VM
+
+from test_drain import GuestTest
+from test_start_instant import StartInstant
+from test_vmstate_node import DIRTY_MEM, DIRTY_RATE, NEG_AHEAD, SAVE_TIMEOUT
+
+GUEST_MEM = 512         # MiB
+
+
+class SnapshotGroup(GuestTest):
+    """Internal/external and drained disks with the state, at one instant."""
+
+    timeout = 300
+    TARGETS = ['/dev/vda', '/dev/vdb']
+
+    # The state node is the start-instant test's
+    add_state_node = StartInstant.add_state_node
+    del_node = staticmethod(StartInstant.del_node)
+
+    def restore(self, name, disks, state_file):
+        """A fresh QEMU on disks loads state_file: (VM, run state)."""
+        vm = VM(name, self.sockdir, self.logdir, disks, self.TARGETS,
+                n_qmp=2, mem=GUEST_MEM, mem_mib=DIRTY_MEM,
+                dirty_mibs=DIRTY_RATE, extra_args=['-incoming', 'defer'])
+        self.vms.append(vm)
+        vm.launch()
+        result = asyncio.run(state.load_state(
+            vm.qmp_socks[1], file=state_file,
+            log=lambda m: self.log.debug('load: %s', m)))
+        self.assertTrue(result.ok, f'load failed: {result.error}; '
+                        f'{vm.diagnostics()}')
+        if result.vm_status == 'paused':
+            vm.cmd('cont')
+        vm.agent.wait_ready(timeout=60)
+        return vm, result.vm_status
+
+    def boot_writer(self):
+        self.disks = [guest.make_data_disk(self.path('d0.qcow2'), 8),
+                      guest.make_data_disk(self.path('d1.raw'), 8,
+                                           fmt='raw')]
+        vm = self.vm('src', self.disks, self.TARGETS, mem=GUEST_MEM,
+                     mem_mib=DIRTY_MEM, dirty_mibs=DIRTY_RATE)
+        vm.wait_records(50, timeout=60)
+        return vm
+
+    def wait_job(self, vm, job_id='group'):
+        deadline = time.monotonic() + SAVE_TIMEOUT
+        while True:
+            job = next(j for j in vm.cmd('query-jobs') if j['id'] == job_id)
+            if job['status'] == 'concluded':
+                break
+            if time.monotonic() > deadline:
+                self.fail(f'the group did not end in {SAVE_TIMEOUT} s: '
+                          f'{job}; {vm.diagnostics()}')
+            time.sleep(0.05)
+        vm.cmd('job-dismiss', id=job_id)
+        self.assertNotIn('error', job, f'the group failed: {job}; '
+                         f'{vm.diagnostics()}')
+        return job
+
+    def pause_ms(self, vm):
+        """The guest's pause from the STOP and RESUME events so far."""
+        events = vm.events + vm.qmp.get_events(wait=False)
+        vm.events = []
+        vm.qmp.clear_events()
+        stops = [e for e in events if e['event'] in ('STOP', 'RESUME')]
+        self.assertEqual([e['event'] for e in stops], ['STOP', 'RESUME'],
+                         'the guest did not pause exactly once')
+        t = [e['timestamp']['seconds'] + e['timestamp']['microseconds'] / 1e6
+             for e in stops]
+        return (t[1] - t[0]) * 1000
+
+    def take_group(self, vm, tag, instant):
+        """One group of both disks and the state; the disks as it took them
+        (images to restore from) and the state file."""
+        node, state_file = self.add_state_node(vm, tag)
+        disks = [{'node-name': 'disk1', 'action': 'drain'}]
+        if instant == 'start':
+            disks.append({'node-name': 'disk0', 'action': 'internal'})
+        else:
+            overlay = self.path('d0-overlay.qcow2')
+            subprocess.run([guest.qemu_img(), 'create', '-q', '-f', 'qcow2',
+                            overlay, '8M'], check=True)
+            vm.cmd('blockdev-add', driver='qcow2',
+                   **{'node-name': 'overlay0'}, backing=None,
+                   file={'driver': 'file', 'filename': overlay})
+            disks.append({'node-name': 'disk0', 'action': 'external',
+                          'overlay': 'overlay0'})
+        vm.qmp.clear_events()
+        vm.events = []
+        _, _, lc = vm.mark(f'{tag}-before')
+        vm.cmd('snapshot-group', **{'job-id': 'group'}, tag=tag, disks=disks,
+               vmstate={'target': 'block-node', 'node-name': node},
+               instant=instant, **{'drain-timeout': 120})
+        job = self.wait_job(vm)
+        pause = self.pause_ms(vm)
+
+        # The storage snapshot of the drained disk, while the drain holds
+        drains = vm.cmd('query-block-drains')
+        self.assertEqual([(d['id'], d['nodes']) for d in drains],
+                         [(tag, ['disk1'])])
+        _, ticks1, _ = vm.mark(f'{tag}-drained')
+        copy_d1 = self.copy_images([self.disks[1]], tag)[0]
+        time.sleep(0.5)     # storage snapshots take their time
+        _, ticks2, _ = vm.mark(f'{tag}-copied')
+        self.assertGreater(ticks2, ticks1, 'the guest did not run while '
+                           'its disk was drained')
+        vm.cmd('block-drain-end', id=tag)
+        self.assertEqual(vm.cmd('query-status')['status'], 'running')
+        vm.wait_records(lc + 20, timeout=60)
+        self.del_node(vm, node)
+
+        if instant == 'start':
+            d0 = self.path(f'{tag}-d0.qcow2')
+            subprocess.run([guest.qemu_img(), 'convert', '-U', '-q',
+                            '-l', f'snapshot.name={tag}', '-O', 'qcow2',
+                            self.disks[0], d0], check=True)
+        else:
+            d0 = self.copy_images([self.disks[0]], tag)[0]
+        self.log.info('%s instant: guest paused %.1f ms; %d bytes of state '
+                      'written', instant, pause, job['current-progress'])
+        return [d0, copy_d1], state_file, lc
+
+    def check_restore(self, name, disks, state_file):
+        restored, loaded = self.restore(name, disks, state_file)
+        self.assertEqual(loaded, 'running')
+        try:
+            seq = restored.agent.check()
+        except AssertionError as err:
+            self.fail(f'{name}: {err}')
+        restored.wait_records(seq + 10, timeout=30)
+        restored.shutdown()
+        return seq
+
+    def negative_control(self, vm, disks, state_file, lc):
+        vm.wait_records(lc + NEG_AHEAD + 20, timeout=60)
+        vm.cmd('stop')
+        later = self.copy_images([self.disks[1]], 'later')[0]
+        vm.cmd('cont')
+        wrong, _ = self.restore('wrong-disks', [disks[0], later], state_file)
+        with self.assertRaises(AssertionError,
+                               msg='the state loaded with a later disk '
+                               'passed the check') as caught:
+            wrong.agent.check()
+        self.log.info('negative control: %s', caught.exception)
+        wrong.shutdown()
+
+    def run_case(self, instant, negative=False):
+        vm = self.boot_writer()
+        disks, state_file, lc = self.take_group(vm, f'group-{instant}',
+                                                instant)
+        seq = self.check_restore(f'restored-{instant}', disks, state_file)
+        self.log.info('%s instant: restored at record %d (the group began '
+                      'at %d)', instant, seq, lc)
+        self.assertGreaterEqual(seq, lc)
+        if negative:
+            self.negative_control(vm, disks, state_file, lc)
+        self.assert_live_check(vm)
+        self.assert_no_agent_errors(vm)
+        vm.shutdown()
+        for f in disks + [state_file]:
+            os.unlink(f)
+
+    def test_start_internal_and_drained(self):
+        self.run_case('start', negative=True)
+
+    def test_end_external_and_drained(self):
+        self.run_case('end')
