@@ -73,7 +73,7 @@ from vmsnap.vm import VM
 
 from test_drain import GuestTest, newest_record
 from test_vmstate_node import (DIRTY_MEM, DIRTY_RATE, NEG_AHEAD,
-                               SAVE_TIMEOUT, event_time)
+                               SAVE_TIMEOUT, VMStateNode, event_time)
 
 ROUNDS = 10
 GUEST_MEM = 2048        # MiB: a longer setup before the save takes the state
@@ -202,8 +202,14 @@ class StartInstant(GuestTest):
         t_cont = time.time()
         self.top = new_top
 
-        ev = vm.wait_event('MIGRATION', timeout=SAVE_TIMEOUT,
-                           match=lambda d: d['status'] in TERMINAL)
+        try:
+            ev = vm.wait_event('MIGRATION', timeout=SAVE_TIMEOUT,
+                               match=lambda d: d['status'] in TERMINAL)
+        except TimeoutError:
+            path = VMStateNode.backtrace(self, vm)
+            self.fail(f'round {rnd}: the save did not end within '
+                      f'{SAVE_TIMEOUT} s ({vm.cmd("query-migrate")}); QEMU '
+                      f'backtraces in {path}')
         info = vm.cmd('query-migrate')
         self.assertEqual(ev['data']['status'], 'completed',
                          f'round {rnd}: the save ended {ev["data"]["status"]}'
