@@ -1,4 +1,4 @@
-"""Command line: vmsnap drain-snapshot|save-state|load-state|state-size ...
+"""Command line: vmsnap drain-snapshot|group|save-state|load-state|state-size ...
 (or python -m vmsnap ...)"""
 
 import argparse
@@ -34,7 +34,10 @@ def main(argv=None):
                    help='print the result as JSON on the last line')
     p.add_argument('method', choices=['lvm', 'btrfs', 'reflink', 'command'])
     p.add_argument('args', nargs='+', help='arguments of the method')
+    _add_group_commands(sub)
     opts = parser.parse_args(argv)
+    if opts.command == 'group':
+        return _group_command(parser, opts)
     if opts.command != 'drain-snapshot':
         return _state_command(parser, opts)
 
@@ -51,6 +54,69 @@ def main(argv=None):
     if result.ok:
         print(f'done: guest I/O held {result.held_ms} ms; the vCPUs kept '
               'running')
+        return 0
+    print(f'FAILED: {result.error}', file=sys.stderr)
+    return 1
+
+
+def _add_group_commands(sub):
+    group = sub.add_parser(
+        'group', help='disks and VM state at one instant (snapshot-group)')
+    gsub = group.add_subparsers(dest='group_command', required=True)
+    p = gsub.add_parser(
+        'create', help='take disks and the VM state at one instant',
+        description='Start a snapshot-group job in QEMU and follow it: '
+        'each --disk is NODE=internal (qcow2 internal snapshot named by '
+        'the tag), NODE=external:OVERLAY (a node added with blockdev-add '
+        'goes on top) or NODE=drain (guest I/O held while --storage-command '
+        'snapshots the storage underneath, then released).')
+    p.add_argument('--qmp', required=True, help="QEMU's QMP unix socket")
+    p.add_argument('--tag', required=True,
+                   help='name of the group: of its internal snapshots '
+                   'and drains')
+    p.add_argument('--disk', action='append', default=[], required=True,
+                   help='NODE=internal, NODE=drain or NODE=external:OVERLAY '
+                   '(repeat for each disk)')
+    where = p.add_mutually_exclusive_group()
+    where.add_argument('--state-file', help='save the VM state into this '
+                       'raw image, created at the size QEMU asks for')
+    where.add_argument('--state-node', help='save the VM state into this '
+                       'block node')
+    p.add_argument('--instant', choices=['start', 'end'], default='start',
+                   help='start: the guest as the command ran (default); '
+                   'end: at the end of an iterative save')
+    p.add_argument('--drain-timeout', type=int, default=60,
+                   help='seconds after which QEMU ends the drains by '
+                   'itself (default 60)')
+    p.add_argument('--storage-command', metavar="'SHELL COMMAND'",
+                   help='snapshots the drained disks\' storage (lvcreate '
+                   '-s, btrfs subvolume snapshot, rbd snap create, cp '
+                   '--reflink); run with sh -c while the drain holds')
+    p.add_argument('--json', action='store_true',
+                   help='print the result as JSON on the last line')
+
+
+def _group_command(parser, opts):
+    from . import group  # pylint: disable=import-outside-toplevel
+
+    try:
+        disks = [group.parse_disk(d) for d in opts.disk]
+    except ValueError as err:
+        parser.error(str(err))
+    result = group.create(opts.qmp, opts.tag, disks,
+                          state_file=opts.state_file,
+                          state_node=opts.state_node, instant=opts.instant,
+                          drain_timeout=opts.drain_timeout,
+                          storage_command=opts.storage_command,
+                          log=lambda msg: print(msg, flush=True))
+    if opts.json:
+        print(json.dumps(result.__dict__))
+    if result.ok:
+        held = (f'; drained disks held {result.drain_held_ms} ms'
+                if result.drain_held_ms is not None else '')
+        print(f'done: group {result.tag!r} at the {result.instant} '
+              f'instant; guest paused {result.pause_ms or 0:.1f} ms; '
+              f'{result.state_bytes} bytes of VM state{held}')
         return 0
     print(f'FAILED: {result.error}', file=sys.stderr)
     return 1

@@ -12,6 +12,10 @@ while the guest runs, each disk its own way, as a backup tool would:
    guest's requests, then ends the drain, as LVM or Ceph would be asked
    to snapshot the volume.
 
+A third test does the start-instant case through the wrapper users run,
+``vmsnap group create``, whose --storage-command copies the raw image
+while the drain holds and which ends the drain itself.
+
 The restore is a fresh QEMU (-incoming defer) on the disks as the
 group took them (the internal snapshot converted to an image, or the
 image under the overlay; the host copy) that loads the state.  It
@@ -27,8 +31,10 @@ Run with:
 """
 
 import asyncio
+import json
 import os
 import subprocess
+import sys
 import time
 
 from vmsnap import guest, state
@@ -68,12 +74,12 @@ class SnapshotGroup(GuestTest):
         vm.agent.wait_ready(timeout=60)
         return vm, result.vm_status
 
-    def boot_writer(self):
+    def boot_writer(self, n_qmp=1):
         self.disks = [guest.make_data_disk(self.path('d0.qcow2'), 8),
                       guest.make_data_disk(self.path('d1.raw'), 8,
                                            fmt='raw')]
         vm = self.vm('src', self.disks, self.TARGETS, mem=GUEST_MEM,
-                     mem_mib=DIRTY_MEM, dirty_mibs=DIRTY_RATE)
+                     mem_mib=DIRTY_MEM, dirty_mibs=DIRTY_RATE, n_qmp=n_qmp)
         vm.wait_records(50, timeout=60)
         return vm
 
@@ -200,3 +206,45 @@ class SnapshotGroup(GuestTest):
 
     def test_end_external_and_drained(self):
         self.run_case('end')
+
+    def test_wrapper_start_internal_and_drained(self):
+        vm = self.boot_writer(n_qmp=2)
+        tag = 'wrapped'
+        state_file = self.path('wrapped-state.raw')
+        copy_d1 = self.path('wrapped-d1.raw')
+        _, _, lc = vm.mark('wrapped-before')
+        argv = [sys.executable, '-m', 'vmsnap', 'group', 'create',
+                '--qmp', vm.qmp_socks[1], '--tag', tag,
+                '--disk', 'disk0=internal', '--disk', 'disk1=drain',
+                '--state-file', state_file, '--json', '--storage-command',
+                f'cp --reflink=auto {self.disks[1]} {copy_d1}']
+        env = dict(os.environ, PYTHONPATH=str(guest.REPO / 'python'))
+        out = subprocess.run(argv, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=env,
+                             timeout=SAVE_TIMEOUT, check=False)
+        self.log.info('vmsnap group create:\n%s', out.stdout)
+        self.assertEqual(out.returncode, 0, out.stdout)
+        result = json.loads([line for line in out.stdout.splitlines()
+                             if line.startswith('{')][-1])
+        self.assertTrue(result['ok'])
+        self.assertIsNotNone(result['drain_held_ms'])
+        # The wrapper ended the drain; the guest runs on
+        self.assertEqual(vm.cmd('query-block-drains'), [])
+        self.assertEqual(vm.cmd('query-status')['status'], 'running')
+        vm.wait_records(lc + 20, timeout=60)
+        self.log.info('wrapper: guest paused %.1f ms, disk held %d ms, '
+                      '%d bytes of state', result['pause_ms'],
+                      result['drain_held_ms'], result['state_bytes'])
+
+        d0 = self.path('wrapped-d0.qcow2')
+        subprocess.run([guest.qemu_img(), 'convert', '-U', '-q',
+                        '-l', f'snapshot.name={tag}', '-O', 'qcow2',
+                        self.disks[0], d0], check=True)
+        seq = self.check_restore('restored-wrapped', [d0, copy_d1],
+                                 state_file)
+        self.assertGreaterEqual(seq, lc)
+        self.assert_live_check(vm)
+        self.assert_no_agent_errors(vm)
+        vm.shutdown()
+        for f in (d0, copy_d1, state_file):
+            os.unlink(f)

@@ -1,0 +1,190 @@
+"""vmsnap group create: disks and the VM state at one instant.
+
+A thin client of QEMU's snapshot-group job (this project's series): it
+optionally adds a raw image as the VM state's node, starts the group,
+follows its progress, and when the group drained disks, runs the storage
+command (an LVM, btrfs, Ceph or reflink snapshot of what lies under them)
+while the drain holds, then ends the drain whatever happened.  An
+interrupt cancels the group; QEMU then leaves no internal snapshot,
+drain or loadable state of it behind, and the guest keeps running.
+"""
+
+import asyncio
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+from qemu.qmp import EventListener, QMPClient
+
+from .interrupt import run_interruptible
+from .state import (_blockdev_del, _create_image, _error_text, _execute,
+                    _node_options, _pause_from_events, find_qemu_img)
+
+POLL_S = 0.1
+ACTIONS = ('internal', 'external', 'drain')
+
+
+@dataclass
+class GroupResult:
+    tag: str
+    instant: str
+    disks: List[dict]
+    state_file: Optional[str] = None
+    ok: bool = False
+    error: Optional[str] = None
+    pause_ms: Optional[float] = None
+    state_bytes: int = 0
+    storage_command: Optional[str] = None
+    drain_held_ms: Optional[int] = None
+    total_ms: float = 0.0
+    log: List[str] = field(default_factory=list)
+
+
+def parse_disk(spec: str) -> dict:
+    """node=internal, node=drain or node=external:overlay"""
+    node, sep, action = spec.partition('=')
+    action, _, overlay = action.partition(':')
+    if not sep or not node or action not in ACTIONS or \
+            bool(overlay) != (action == 'external'):
+        raise ValueError(f'bad disk {spec!r}: expected node=internal, '
+                         'node=drain or node=external:OVERLAY-NODE')
+    disk = {'node-name': node, 'action': action}
+    if overlay:
+        disk['overlay'] = overlay
+    return disk
+
+
+async def create_group(qmp_path: str, tag: str, disks: List[dict],
+                       state_file: Optional[str] = None,
+                       state_node: Optional[str] = None,
+                       instant: str = 'start', drain_timeout: int = 60,
+                       storage_command: Optional[str] = None,
+                       log: Callable[[str], None] = print) -> GroupResult:
+    """Take @disks and, with @state_file (a raw image created at the
+    size QEMU asks for) or @state_node, the VM state, at one instant."""
+    result = GroupResult(tag=tag, instant=instant, disks=disks,
+                         state_file=state_file,
+                         storage_command=storage_command)
+    job_id = f'vmsnap-{os.getpid()}'
+    node = state_node
+    qmp = QMPClient('vmsnap')
+    listener = EventListener(('STOP', 'RESUME', 'BLOCK_DRAIN_END'))
+    qmp.register_listener(listener)
+    node_added = job_started = False
+    drains = any(d['action'] == 'drain' for d in disks)
+    t0 = time.monotonic()
+    try:
+        await qmp.connect(qmp_path)
+        if state_file:
+            size = (await _execute(qmp, 'query-vmstate-size'))['total']
+            _create_image(find_qemu_img(), state_file, 'raw', size)
+            node = f'vmsnap-state-{os.getpid()}'
+            await _execute(qmp, 'blockdev-add',
+                           _node_options(node, state_file, 'raw'))
+            node_added = True
+            log(f'state: {state_file} ({size} bytes) as node {node!r}')
+        args = {'job-id': job_id, 'tag': tag, 'disks': disks,
+                'instant': instant, 'drain-timeout': drain_timeout}
+        if node:
+            args['vmstate'] = {'target': 'block-node', 'node-name': node}
+        await _execute(qmp, 'snapshot-group', args)
+        job_started = True
+        log(f'group {tag!r} started at the {instant} instant')
+        async def drained():
+            # The instant has passed: snapshot the storage now, not once
+            # the whole state is written, and let the guest's I/O go
+            if storage_command:
+                log(f'storage snapshot: {storage_command}')
+                out = await asyncio.to_thread(
+                    subprocess.run, ['sh', '-c', storage_command],
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    text=True, check=False)
+                if out.returncode != 0:
+                    raise RuntimeError(
+                        f'the storage command failed ({out.returncode}): '
+                        f'{out.stdout.strip()}')
+            await _end_drain(qmp, tag, listener, result, log)
+
+        job = await _follow(qmp, job_id, log, tag if drains else None,
+                            drained)
+        job_started = False
+        if 'error' in job:
+            raise RuntimeError(job['error'])
+        result.state_bytes = job['current-progress'] if node else 0
+        result.pause_ms = _pause_from_events(listener.history)
+        log(f'group {tag!r} taken; guest paused '
+            f'{result.pause_ms or 0:.1f} ms')
+        if drains and result.drain_held_ms is None:
+            await drained()
+        result.ok = True
+    except (Exception, asyncio.CancelledError) as err:
+        # pylint: disable=broad-except
+        result.error = _error_text(err)
+        log(f'FAILED: {result.error}')
+    finally:
+        if job_started:
+            await _cancel(qmp, job_id, log)
+        if drains and qmp.runstate.name == 'RUNNING':
+            await _end_drain(qmp, tag, listener, result, log)
+        if node_added:
+            await _blockdev_del(qmp, node, log)
+        if not result.ok and state_file and os.path.exists(state_file):
+            os.unlink(state_file)
+        result.total_ms = (time.monotonic() - t0) * 1000
+        await qmp.disconnect()
+    return result
+
+
+async def _follow(qmp, job_id, log, drain_id=None, drained=None):
+    """Wait for the job to conclude, logging its progress; dismiss it.
+    Once drain @drain_id is active, await drained()."""
+    last = -1
+    while True:
+        if drain_id and any(d['id'] == drain_id for d in
+                            await _execute(qmp, 'query-block-drains')):
+            drain_id = None
+            await drained()
+        job = next((j for j in await _execute(qmp, 'query-jobs')
+                    if j['id'] == job_id), None)
+        if job is None:
+            raise RuntimeError(f'job {job_id} is gone')
+        total = job.get('total-progress') or 0
+        if total and job['current-progress'] * 10 // total != last:
+            last = job['current-progress'] * 10 // total
+            log(f'  {job["status"]}: {job["current-progress"]} of '
+                f'{total} bytes')
+        if job['status'] == 'concluded':
+            await _execute(qmp, 'job-dismiss', {'id': job_id})
+            return job
+        await asyncio.sleep(POLL_S)
+
+
+async def _cancel(qmp, job_id, log):
+    log('cancelling the group')
+    try:
+        await _execute(qmp, 'job-cancel', {'id': job_id})
+    except Exception:               # pylint: disable=broad-except
+        pass
+    await asyncio.shield(_follow(qmp, job_id, log))
+
+
+async def _end_drain(qmp, tag, listener, result, log):
+    """End the group's drain if it is still active; how long it held."""
+    drains = await _execute(qmp, 'query-block-drains')
+    if not any(d['id'] == tag for d in drains):
+        return
+    await _execute(qmp, 'block-drain-end', {'id': tag})
+    deadline = time.monotonic() + 5
+    while result.drain_held_ms is None and time.monotonic() < deadline:
+        for ev in listener.history:
+            if ev['event'] == 'BLOCK_DRAIN_END' and ev['data']['id'] == tag:
+                result.drain_held_ms = ev['data']['held-ms']
+        await asyncio.sleep(0.02)
+    log(f'drain {tag!r} ended after {result.drain_held_ms} ms')
+
+
+def create(*args, **kwargs) -> GroupResult:
+    """create_group(), interruptible by Ctrl-C and SIGTERM."""
+    return run_interruptible(create_group(*args, **kwargs))
