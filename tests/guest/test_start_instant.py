@@ -206,6 +206,12 @@ class StartInstant(GuestTest):
             ev = vm.wait_event('MIGRATION', timeout=SAVE_TIMEOUT,
                                match=lambda d: d['status'] in TERMINAL)
         except TimeoutError:
+            if vm.proc.poll() is not None:
+                with open(vm.qemu_log, encoding='utf-8',
+                          errors='replace') as f:
+                    last = f.read().strip().splitlines()[-1:]
+                self.fail(f'round {rnd}: QEMU died during the save '
+                          f'(exit {vm.proc.returncode}): {last}')
             path = VMStateNode.backtrace(self, vm)
             self.fail(f'round {rnd}: the save did not end within '
                       f'{SAVE_TIMEOUT} s ({vm.cmd("query-migrate")}); QEMU '
