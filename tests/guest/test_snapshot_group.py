@@ -30,15 +30,13 @@ Run with:
     PYTHONPATH=python $venv/bin/avocado run tests/guest/test_snapshot_group.py
 """
 
-import asyncio
 import json
 import os
 import subprocess
 import sys
 import time
 
-from vmsnap import guest, state
-from vmsnap.vm import VM
+from vmsnap import guest
 
 from test_drain import GuestTest
 from test_start_instant import StartInstant
@@ -53,32 +51,18 @@ class SnapshotGroup(GuestTest):
     timeout = 300
     TARGETS = ['/dev/vda', '/dev/vdb']
 
-    # The state node is the start-instant test's
+    # The state node and the restore are the start-instant test's
+    guest_mem = GUEST_MEM
+    write_interval_ms = None        # the agent's default
     add_state_node = StartInstant.add_state_node
     del_node = staticmethod(StartInstant.del_node)
-
-    def restore(self, name, disks, state_file):
-        """A fresh QEMU on disks loads state_file: (VM, run state)."""
-        vm = VM(name, self.sockdir, self.logdir, disks, self.TARGETS,
-                n_qmp=2, mem=GUEST_MEM, mem_mib=DIRTY_MEM,
-                dirty_mibs=DIRTY_RATE, extra_args=['-incoming', 'defer'])
-        self.vms.append(vm)
-        vm.launch()
-        result = asyncio.run(state.load_state(
-            vm.qmp_socks[1], file=state_file,
-            log=lambda m: self.log.debug('load: %s', m)))
-        self.assertTrue(result.ok, f'load failed: {result.error}; '
-                        f'{vm.diagnostics()}')
-        if result.vm_status == 'paused':
-            vm.cmd('cont')
-        vm.agent.wait_ready(timeout=60)
-        return vm, result.vm_status
+    restore = StartInstant.restore
 
     def boot_writer(self, n_qmp=1):
         self.disks = [guest.make_data_disk(self.path('d0.qcow2'), 8),
                       guest.make_data_disk(self.path('d1.raw'), 8,
                                            fmt='raw')]
-        vm = self.vm('src', self.disks, self.TARGETS, mem=GUEST_MEM,
+        vm = self.vm('src', self.disks, self.TARGETS, mem=self.guest_mem,
                      mem_mib=DIRTY_MEM, dirty_mibs=DIRTY_RATE, n_qmp=n_qmp)
         vm.wait_records(50, timeout=60)
         return vm

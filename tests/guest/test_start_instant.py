@@ -86,15 +86,18 @@ class StartInstant(GuestTest):
 
     timeout = 300
     TARGETS = ['/dev/vda', '/dev/vdb']
+    # The guest, and the restored VMs, which must have the same RAM size
+    guest_mem = GUEST_MEM
+    write_interval_ms = WRITE_INTERVAL_MS
 
     # ---- helpers ------------------------------------------------------
 
     def boot_writer(self):
         disks = [guest.make_data_disk(self.path('d0.qcow2'), 8),
                  guest.make_data_disk(self.path('d1.raw'), 8, fmt='raw')]
-        vm = self.vm('src', disks, self.TARGETS, mem=GUEST_MEM,
+        vm = self.vm('src', disks, self.TARGETS, mem=self.guest_mem,
                      mem_mib=DIRTY_MEM, dirty_mibs=DIRTY_RATE,
-                     write_interval_ms=WRITE_INTERVAL_MS)
+                     write_interval_ms=self.write_interval_ms)
         vm.wait_records(50, timeout=60)
         vm.cmd('migrate-set-capabilities', capabilities=[
             {'capability': c, 'state': True}
@@ -163,8 +166,9 @@ class StartInstant(GuestTest):
         A paused VM is continued, so that its agent can answer.
         """
         vm = VM(name, self.sockdir, self.logdir, disks, self.TARGETS,
-                n_qmp=2, mem=GUEST_MEM, mem_mib=DIRTY_MEM,
-                dirty_mibs=DIRTY_RATE, write_interval_ms=WRITE_INTERVAL_MS,
+                n_qmp=2, mem=self.guest_mem, mem_mib=DIRTY_MEM,
+                dirty_mibs=DIRTY_RATE,
+                write_interval_ms=self.write_interval_ms,
                 extra_args=['-incoming', 'defer'])
         self.vms.append(vm)
         vm.launch()
