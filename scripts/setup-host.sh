@@ -22,6 +22,8 @@ APT_PACKAGES=(
   libglib2.0-0 libnuma1 libudev1 liburing2
   # uuidgen for scripts/ceph-cluster.sh; Ceph itself is added below
   uuid-runtime
+  # the distribution's own qemu-img, which must find our images clean
+  qemu-utils
 )
 
 sudo=

@@ -16,6 +16,10 @@ A third test does the start-instant case through the wrapper users run,
 ``vmsnap group create``, whose --storage-command copies the raw image
 while the drain holds and which ends the drain itself.
 
+LiveInternalSnapshot is the proposal's case 4, a live internal
+snapshot: both disks internal and the VM state inside the first one,
+loaded in place and into a fresh QEMU (see its docstring).
+
 The restore is a fresh QEMU (-incoming defer) on the disks as the
 group took them (the internal snapshot converted to an image, or the
 image under the overlay; the host copy) that loads the state.  It
@@ -45,8 +49,8 @@ from test_vmstate_node import DIRTY_MEM, DIRTY_RATE, NEG_AHEAD, SAVE_TIMEOUT
 GUEST_MEM = 512         # MiB
 
 
-class SnapshotGroup(GuestTest):
-    """Internal/external and drained disks with the state, at one instant."""
+class SnapshotGroupBase(GuestTest):
+    """What the tests of snapshot-group share: no test of its own."""
 
     timeout = 300
     TARGETS = ['/dev/vda', '/dev/vdb']
@@ -185,6 +189,11 @@ class SnapshotGroup(GuestTest):
         for f in disks + [state_file]:
             os.unlink(f)
 
+
+
+class SnapshotGroup(SnapshotGroupBase):
+    """Internal/external and drained disks with the state, at one instant."""
+
     def test_start_internal_and_drained(self):
         self.run_case('start', negative=True)
 
@@ -232,3 +241,94 @@ class SnapshotGroup(GuestTest):
         vm.shutdown()
         for f in (d0, copy_d1, state_file):
             os.unlink(f)
+
+
+class LiveInternalSnapshot(SnapshotGroupBase):
+    """The proposal's case 4: every disk internal, the state inside too.
+
+    One group at the end instant takes both qcow2 disks as internal
+    snapshots, the VM state in the first one's VM state area, as savevm
+    would but with the guest running while its state is saved.  It is
+    loaded back in place (snapshot-load in the running QEMU) and into a
+    fresh QEMU started with -loadvm; each time the agent's CHECK must
+    find the disks and RAM in agreement.  The negative control loads
+    the first disk and the state but leaves the second disk later, and
+    must fail that check.  Both this build's qemu-img and the
+    distribution's find the images clean.
+    """
+
+    def boot_writer(self, n_qmp=1):
+        self.disks = [guest.make_data_disk(self.path('d0.qcow2'), 8),
+                      guest.make_data_disk(self.path('d1.qcow2'), 8)]
+        vm = self.vm('src', self.disks, self.TARGETS, mem=self.guest_mem,
+                     mem_mib=DIRTY_MEM, dirty_mibs=DIRTY_RATE, n_qmp=n_qmp)
+        vm.wait_records(50, timeout=60)
+        return vm
+
+    def load_in_place(self, vm, tag, devices):
+        vm.cmd('snapshot-load', **{'job-id': 'load'}, tag=tag,
+               vmstate='disk0', devices=devices)
+        self.wait_job(vm, 'load')
+        self.assertEqual(vm.cmd('query-status')['status'], 'running')
+
+    def check_images(self):
+        for qemu_img in (guest.qemu_img(), '/usr/bin/qemu-img'):
+            for disk in self.disks:
+                out = subprocess.run([qemu_img, 'check', disk],
+                                     capture_output=True, text=True)
+                self.assertEqual(out.returncode, 0,
+                                 f'{qemu_img} check {disk}: {out.stdout}')
+
+    def test_end_live_internal(self):
+        vm = self.boot_writer()
+        tag = 'live'
+        vm.qmp.clear_events()
+        vm.events = []
+        _, _, lc = vm.mark('live-before')
+        vm.cmd('snapshot-group', **{'job-id': 'group'}, tag=tag,
+               disks=[{'node-name': 'disk0', 'action': 'internal'},
+                      {'node-name': 'disk1', 'action': 'internal'}],
+               vmstate={'target': 'internal', 'node-name': 'disk0'},
+               instant='end')
+        job = self.wait_job(vm)
+        pause = self.pause_ms(vm)
+        _, _, lc_after = vm.mark('live-after')
+        sizes = {n['node-name']: [s['vm-state-size'] for s in
+                                  n['image'].get('snapshots', [])]
+                 for n in vm.cmd('query-named-block-nodes')
+                 if n['node-name'] in ('disk0', 'disk1')}
+        self.log.info('end instant, state in disk0: guest paused %.1f ms; '
+                      '%d bytes of state; snapshot VM sizes %s', pause,
+                      job['current-progress'], sizes)
+        self.assertGreater(sizes['disk0'][0], 0)
+        self.assertEqual(sizes['disk1'], [0])
+
+        # In place: the guest ran on; the load takes it back
+        vm.wait_records(lc_after + NEG_AHEAD, timeout=60)
+        self.load_in_place(vm, tag, ['disk0', 'disk1'])
+        seq = self.assert_live_check(vm)
+        self.log.info('loaded in place: at record %d (group began at %d, '
+                      'ended at %d)', seq, lc, lc_after)
+        self.assertGreaterEqual(seq, lc)
+        self.assertLess(seq, lc_after + NEG_AHEAD)
+
+        # Negative control: disk1 stays later than the state and disk0
+        vm.wait_records(seq + NEG_AHEAD, timeout=60)
+        self.load_in_place(vm, tag, ['disk0'])
+        with self.assertRaises(AssertionError,
+                               msg='the state loaded with a later disk '
+                               'passed the check') as caught:
+            vm.agent.check()
+        self.log.info('negative control: %s', caught.exception)
+        vm.shutdown()
+
+        # A fresh QEMU on the same images
+        fresh = self.vm('fresh', self.disks, self.TARGETS, mode='run',
+                        mem=self.guest_mem, mem_mib=DIRTY_MEM,
+                        dirty_mibs=DIRTY_RATE, extra_args=['-loadvm', tag])
+        seq2 = self.assert_live_check(fresh)
+        self.assertGreaterEqual(seq2, lc)
+        fresh.wait_records(seq2 + 10, timeout=30)
+        self.assert_no_agent_errors(fresh)
+        fresh.shutdown()
+        self.check_images()
