@@ -18,6 +18,13 @@ disks and VM state show one instant.  A fresh QEMU started with
 -incoming defer on those copies loads the state, and the guest's agent,
 back where it was, checks its disks against the records in its RAM and
 goes on writing.
+
+Last, a snapshot-group with "vmsnap group create": both disks as qcow2
+internal snapshots with the VM state inside the first one, at the end
+of a live save (a live savevm: the guest runs while its state is
+saved).  "vmsnap group list" shows it, the guest runs on, and "vmsnap
+group load" takes it back in place; the agent, back at the group's
+instant, checks its disks against its RAM.
 """
 
 import os
@@ -85,6 +92,7 @@ def main():
               f'{after["last_complete"]} (was {before["last_complete"]})')
 
         saved = save_state(workdir, qmp_sock, agent, [data, raw])
+        live_group(qmp_sock, agent)
     finally:
         agent.close()
         proc.kill()
@@ -151,6 +159,46 @@ def save_state(workdir, qmp_sock, agent, disks):
           f'went on from record {before["last_complete"]} to '
           f'{after["last_complete"]}; VM {result.vm_status}')
     return state_file, copies
+
+
+def vmsnap(*args):
+    argv = [os.path.join(os.path.dirname(sys.executable), 'vmsnap'), *args]
+    print(f'   $ vmsnap {" ".join(args)}', flush=True)
+    if subprocess.call(argv) != 0:
+        sys.exit(f'vmsnap {args[0]} {args[1]} failed')
+
+
+def live_group(qmp_sock, agent):
+    """A live internal snapshot of both disks and the VM state; list it;
+    load it back in place; the agent checks."""
+    print('== vmsnap group: both disks and the VM state, one instant, '
+          'guest running')
+    before = agent.stats()
+    t0 = time.monotonic()
+    vmsnap('group', 'create', '--qmp', qmp_sock, '--tag', 'demo',
+           '--disk', 'disk0=internal', '--disk', 'disk1=internal',
+           '--state-internal', 'disk0', '--instant', 'end')
+    t1 = time.monotonic()
+    taken = agent.stats()
+    print(f'   during the {1000 * (t1 - t0):.0f} ms of the group the guest '
+          f'vCPU ticked {agent.ticks_between(t0, t1)} times; records '
+          f'{before["last_complete"]} -> {taken["last_complete"]}')
+    vmsnap('group', 'list', '--qmp', qmp_sock)
+    time.sleep(5)
+    later = agent.stats()
+    print(f'   the guest runs on: record {later["last_complete"]}')
+    vmsnap('group', 'load', '--qmp', qmp_sock, '--tag', 'demo')
+    try:
+        checked = agent.check()
+    except AssertionError as err:
+        sys.exit(f'the loaded group is not consistent: {err}')
+    print(f'   agent: CHECK OK {checked}: back at the group\'s instant '
+          f'(records {before["last_complete"]}-{taken["last_complete"]}), '
+          f'disks and RAM agree')
+    if not before['last_complete'] <= checked <= later['last_complete']:
+        sys.exit(f'the loaded guest is at record {checked}, not at the '
+                 f'group\'s instant')
+    vmsnap('group', 'delete', '--qmp', qmp_sock, '--tag', 'demo')
 
 
 def load_state(workdir, saved):

@@ -1,5 +1,5 @@
-"""Command line: vmsnap drain-snapshot|group|save-state|load-state|state-size ...
-(or python -m vmsnap ...)"""
+"""Command line: vmsnap drain-snapshot | group create|list|load|delete |
+save-state | load-state | state-size ...  (or python -m vmsnap ...)"""
 
 import argparse
 import json
@@ -82,6 +82,10 @@ def _add_group_commands(sub):
                        'raw image, created at the size QEMU asks for')
     where.add_argument('--state-node', help='save the VM state into this '
                        'block node')
+    where.add_argument('--state-internal', metavar='NODE',
+                       help='save the VM state into the internal snapshot '
+                       'of NODE, one of the internal disks, as savevm does '
+                       '(with --instant end)')
     p.add_argument('--instant', choices=['start', 'end'], default='start',
                    help='start: the guest as the command ran (default); '
                    'end: at the end of an iterative save')
@@ -95,17 +99,69 @@ def _add_group_commands(sub):
     p.add_argument('--json', action='store_true',
                    help='print the result as JSON on the last line')
 
+    p = gsub.add_parser(
+        'list', help='the groups QEMU records (internal snapshots)',
+        description='List the groups whose disks have internal snapshots '
+        'named by their tag, with the disk holding the VM state if any.')
+    p.add_argument('--qmp', required=True, help="QEMU's QMP unix socket")
+    p.add_argument('--json', action='store_true', help='print JSON')
+    for name, text in (('load', 'take the guest back to a group, in place '
+                        '(disks and VM state, with snapshot-load)'),
+                       ('delete', "delete a group's internal snapshots and "
+                        'their VM state (snapshot-delete)')):
+        p = gsub.add_parser(name, help=text, description=text)
+        p.add_argument('--qmp', required=True, help="QEMU's QMP unix socket")
+        p.add_argument('--tag', required=True, help='the group')
+        p.add_argument('--json', action='store_true',
+                       help='print the result as JSON on the last line')
+
+
+def _group_info_command(opts):
+    import asyncio  # pylint: disable=import-outside-toplevel
+    from . import group  # pylint: disable=import-outside-toplevel
+
+    def log(msg):
+        print(msg, flush=True)
+
+    try:
+        if opts.group_command == 'list':
+            groups = asyncio.run(group.list_groups(opts.qmp))
+            if opts.json:
+                print(json.dumps([g.__dict__ for g in groups]))
+            for g in groups if not opts.json else []:
+                state = (f'VM state {g.state_bytes} bytes in {g.state_node}'
+                         if g.state_node else 'no VM state')
+                print(f'{g.tag}: disks {", ".join(g.disks)}; {state}')
+            return 0
+        func = {'load': group.load_group,
+                'delete': group.delete_group}[opts.group_command]
+        info = group.run_interruptible(func(opts.qmp, opts.tag, log=log))
+    except Exception as err:        # pylint: disable=broad-except
+        if getattr(opts, 'json', False):
+            print(json.dumps({'ok': False, 'error': str(err)}))
+        print(f'FAILED: {err}', file=sys.stderr)
+        return 1
+    if opts.json:
+        print(json.dumps(dict(info.__dict__, ok=True)))
+    done = {'load': 'loaded', 'delete': 'deleted'}[opts.group_command]
+    print(f'done: group {opts.tag!r} {done}')
+    return 0
+
 
 def _group_command(parser, opts):
     from . import group  # pylint: disable=import-outside-toplevel
 
+    if opts.group_command != 'create':
+        return _group_info_command(opts)
     try:
         disks = [group.parse_disk(d) for d in opts.disk]
     except ValueError as err:
         parser.error(str(err))
     result = group.create(opts.qmp, opts.tag, disks,
                           state_file=opts.state_file,
-                          state_node=opts.state_node, instant=opts.instant,
+                          state_node=opts.state_node,
+                          state_internal=opts.state_internal,
+                          instant=opts.instant,
                           drain_timeout=opts.drain_timeout,
                           storage_command=opts.storage_command,
                           log=lambda msg: print(msg, flush=True))

@@ -1,4 +1,5 @@
-"""vmsnap group create: disks and the VM state at one instant.
+"""vmsnap group create | list | load | delete: disks and the VM state at
+one instant.
 
 A thin client of QEMU's snapshot-group job (this project's series): it
 optionally adds a raw image as the VM state's node, starts the group,
@@ -7,6 +8,11 @@ command (an LVM, btrfs, Ceph or reflink snapshot of what lies under them)
 while the drain holds, then ends the drain whatever happened.  An
 interrupt cancels the group; QEMU then leaves no internal snapshot,
 drain or loadable state of it behind, and the guest keeps running.
+
+list, load and delete work on what QEMU records of a group: the internal
+snapshots named by its tag, one of them with the VM state when the state
+went into an internal snapshot (a live savevm).  They use QEMU's
+snapshot-load and snapshot-delete jobs.
 """
 
 import asyncio
@@ -59,11 +65,14 @@ def parse_disk(spec: str) -> dict:
 async def create_group(qmp_path: str, tag: str, disks: List[dict],
                        state_file: Optional[str] = None,
                        state_node: Optional[str] = None,
+                       state_internal: Optional[str] = None,
                        instant: str = 'start', drain_timeout: int = 60,
                        storage_command: Optional[str] = None,
                        log: Callable[[str], None] = print) -> GroupResult:
     """Take @disks and, with @state_file (a raw image created at the
-    size QEMU asks for) or @state_node, the VM state, at one instant."""
+    size QEMU asks for), @state_node or @state_internal (one of the
+    internal disks, whose snapshot then holds it), the VM state, at one
+    instant."""
     result = GroupResult(tag=tag, instant=instant, disks=disks,
                          state_file=state_file,
                          storage_command=storage_command)
@@ -89,6 +98,9 @@ async def create_group(qmp_path: str, tag: str, disks: List[dict],
                 'instant': instant, 'drain-timeout': drain_timeout}
         if node:
             args['vmstate'] = {'target': 'block-node', 'node-name': node}
+        elif state_internal:
+            args['vmstate'] = {'target': 'internal',
+                               'node-name': state_internal}
         await _execute(qmp, 'snapshot-group', args)
         job_started = True
         log(f'group {tag!r} started at the {instant} instant')
@@ -112,7 +124,8 @@ async def create_group(qmp_path: str, tag: str, disks: List[dict],
         job_started = False
         if 'error' in job:
             raise RuntimeError(job['error'])
-        result.state_bytes = job['current-progress'] if node else 0
+        result.state_bytes = job['current-progress'] \
+            if node or state_internal else 0
         result.pause_ms = _pause_from_events(listener.history)
         log(f'group {tag!r} taken; guest paused '
             f'{result.pause_ms or 0:.1f} ms')
@@ -188,3 +201,96 @@ async def _end_drain(qmp, tag, listener, result, log):
 def create(*args, **kwargs) -> GroupResult:
     """create_group(), interruptible by Ctrl-C and SIGTERM."""
     return run_interruptible(create_group(*args, **kwargs))
+
+
+@dataclass
+class GroupInfo:
+    tag: str
+    disks: List[str]                # nodes with an internal snapshot 'tag'
+    state_node: Optional[str]       # the one whose snapshot has the state
+    state_bytes: int
+    date: int                       # seconds since the epoch
+    vm_clock_ns: int
+
+
+async def _groups(qmp) -> List[GroupInfo]:
+    """The groups QEMU records: internal snapshots by name, on the
+    writable top nodes (the disks as the guest sees them)."""
+    groups = {}
+    for n in await _execute(qmp, 'query-named-block-nodes',
+                            {'flat': True}):
+        if n.get('ro') or n['drv'] != 'qcow2':
+            continue
+        for sn in n['image'].get('snapshots', []):
+            g = groups.setdefault(sn['name'], GroupInfo(
+                tag=sn['name'], disks=[], state_node=None, state_bytes=0,
+                date=sn['date-sec'], vm_clock_ns=sn['vm-clock-sec'] *
+                10**9 + sn['vm-clock-nsec']))
+            g.disks.append(n['node-name'])
+            if sn['vm-state-size']:
+                g.state_node = n['node-name']
+                g.state_bytes = sn['vm-state-size']
+    return sorted(groups.values(), key=lambda g: (g.date, g.tag))
+
+
+async def list_groups(qmp_path: str) -> List[GroupInfo]:
+    qmp = QMPClient('vmsnap')
+    await qmp.connect(qmp_path)
+    try:
+        return await _groups(qmp)
+    finally:
+        await qmp.disconnect()
+
+
+async def _find(qmp, tag) -> GroupInfo:
+    group = next((g for g in await _groups(qmp) if g.tag == tag), None)
+    if group is None:
+        raise RuntimeError(f'no group {tag!r}: no disk has an internal '
+                           f'snapshot of that name')
+    return group
+
+
+async def _run_job(qmp, job_id, command, args, log):
+    await _execute(qmp, command, dict(args, **{'job-id': job_id}))
+    job = await _follow(qmp, job_id, log)
+    if 'error' in job:
+        raise RuntimeError(job['error'])
+
+
+async def load_group(qmp_path: str, tag: str,
+                     log: Callable[[str], None] = print) -> GroupInfo:
+    """Take the guest back to group @tag in place: its disks and VM state,
+    with snapshot-load.  A group without a VM state is refused (revert
+    its disks offline, or boot from them)."""
+    qmp = QMPClient('vmsnap')
+    await qmp.connect(qmp_path)
+    try:
+        group = await _find(qmp, tag)
+        if not group.state_node:
+            raise RuntimeError(f'group {tag!r} has no VM state in an '
+                               f'internal snapshot (disks only: '
+                               f'{", ".join(group.disks)})')
+        log(f'loading group {tag!r}: disks {", ".join(group.disks)}, '
+            f'VM state in {group.state_node}')
+        await _run_job(qmp, f'vmsnap-load-{os.getpid()}', 'snapshot-load',
+                       {'tag': tag, 'vmstate': group.state_node,
+                        'devices': group.disks}, log)
+        return group
+    finally:
+        await qmp.disconnect()
+
+
+async def delete_group(qmp_path: str, tag: str,
+                       log: Callable[[str], None] = print) -> GroupInfo:
+    """Delete group @tag's internal snapshots, its VM state with them."""
+    qmp = QMPClient('vmsnap')
+    await qmp.connect(qmp_path)
+    try:
+        group = await _find(qmp, tag)
+        log(f'deleting group {tag!r} from {", ".join(group.disks)}')
+        await _run_job(qmp, f'vmsnap-delete-{os.getpid()}',
+                       'snapshot-delete',
+                       {'tag': tag, 'devices': group.disks}, log)
+        return group
+    finally:
+        await qmp.disconnect()

@@ -332,3 +332,73 @@ class LiveInternalSnapshot(SnapshotGroupBase):
         self.assert_no_agent_errors(fresh)
         fresh.shutdown()
         self.check_images()
+
+    def wrapper(self, vm, *args):
+        """vmsnap group ARGS --json on the second QMP monitor: its JSON."""
+        argv = [sys.executable, '-m', 'vmsnap', 'group', *args,
+                '--qmp', vm.qmp_socks[1], '--json']
+        env = dict(os.environ, PYTHONPATH=str(guest.REPO / 'python'))
+        out = subprocess.run(argv, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=env,
+                             timeout=SAVE_TIMEOUT, check=False)
+        self.log.info('vmsnap group %s:\n%s', ' '.join(args), out.stdout)
+        lines = [line for line in out.stdout.splitlines()
+                 if line.startswith(('{', '['))]
+        self.assertTrue(lines, out.stdout)
+        return out.returncode, json.loads(lines[-1])
+
+    def test_wrapper_live_internal(self):
+        """vmsnap group create, list, load and delete of a live savevm,
+        in the QEMU that took it and in one started later."""
+        vm = self.boot_writer(n_qmp=2)
+        _, _, lc = vm.mark('wrapped-before')
+        rc, created = self.wrapper(
+            vm, 'create', '--tag', 'wrapped', '--disk', 'disk0=internal',
+            '--disk', 'disk1=internal', '--state-internal', 'disk0',
+            '--instant', 'end')
+        self.assertEqual(rc, 0, created)
+        self.assertGreater(created['state_bytes'], 0)
+        _, _, lc_after = vm.mark('wrapped-after')
+        rc, listed = self.wrapper(vm, 'list')
+        self.assertEqual(rc, 0)
+        self.assertEqual([(g['tag'], sorted(g['disks']), g['state_node'])
+                          for g in listed],
+                         [('wrapped', ['disk0', 'disk1'], 'disk0')])
+
+        vm.wait_records(lc_after + NEG_AHEAD, timeout=60)
+        rc, loaded = self.wrapper(vm, 'load', '--tag', 'wrapped')
+        self.assertEqual(rc, 0, loaded)
+        seq = self.assert_live_check(vm)
+        self.log.info('wrapper: guest paused %.1f ms, %d bytes of state; '
+                      'loaded at record %d (group began at %d, ended at %d)',
+                      created['pause_ms'], created['state_bytes'], seq, lc,
+                      lc_after)
+        self.assertGreaterEqual(seq, lc)
+        self.assertLess(seq, lc_after + NEG_AHEAD)
+
+        rc, refused = self.wrapper(vm, 'load', '--tag', 'nope')
+        self.assertEqual((rc, refused['ok']), (1, False))
+        vm.wait_records(seq + 20, timeout=60)
+        self.assert_no_agent_errors(vm)
+        vm.shutdown()
+
+        # The group survives a restart: a QEMU started later on the same
+        # images lists it, and loads it into the guest it booted
+        fresh = self.vm('fresh', self.disks, self.TARGETS, n_qmp=2,
+                        mem=self.guest_mem, mem_mib=DIRTY_MEM,
+                        dirty_mibs=DIRTY_RATE)
+        rc, relisted = self.wrapper(fresh, 'list')
+        self.assertEqual(relisted, listed)
+        rc, loaded = self.wrapper(fresh, 'load', '--tag', 'wrapped')
+        self.assertEqual(rc, 0, loaded)
+        seq2 = self.assert_live_check(fresh)
+        self.assertGreaterEqual(seq2, lc)
+        self.assertLess(seq2, lc_after + NEG_AHEAD)
+        rc, _ = self.wrapper(fresh, 'delete', '--tag', 'wrapped')
+        self.assertEqual(rc, 0)
+        rc, listed = self.wrapper(fresh, 'list')
+        self.assertEqual(listed, [])
+        fresh.wait_records(seq2 + 20, timeout=60)
+        self.assert_no_agent_errors(fresh)
+        fresh.shutdown()
+        self.check_images()
