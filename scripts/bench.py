@@ -24,7 +24,9 @@ dirtied), it saves the VM state in each of these ways, --state-rounds
 times each, alternating:
 
   ours      block-node mode start (raw image), mode end (raw image),
-            mode start into a qcow2 image (vmsnap state.save)
+            mode start into a qcow2 image (vmsnap state.save);
+            snapshot-group at the end instant with the disk internal
+            and the state inside it (a live savevm), loaded with loadvm
   upstream  migrate to file: with background-snapshot; to file: with
             mapped-ram, precopy; to file:, plain stream, precopy (both
             precopies leave the source in postmigrate: the time until
@@ -265,6 +267,7 @@ STATE_METHODS = [
     ('node-start-qcow2', 'ours block-node start, qcow2', 'node',
      {'mode': 'start', 'fmt': 'qcow2'}),
     ('savevm', 'upstream HMP savevm (qcow2 disk)', 'savevm', {}),
+    ('group-internal', 'ours snapshot-group end, internal', 'group', {}),
 ]
 BASELINE = 'bg-file'    # pause ratios are against this one
 
@@ -455,6 +458,40 @@ class StateBench:
                 'allocated': os.stat(self.image).st_blocks * 512 - before,
                 'load_bytes': size}
 
+    def save_group(self, name):
+        """A live savevm: snapshot-group at the end instant, the disk
+        internal with the state inside."""
+        vm = self.vm
+        before = os.stat(self.image).st_blocks * 512
+        vm.cmd('migrate-set-parameters', **{
+            'downtime-limit': self.args.downtime_ms})
+        t0 = time.monotonic()
+        vm.cmd('snapshot-group', **{'job-id': 'bench-group'}, tag=name,
+               disks=[{'node-name': 'disk0', 'action': 'internal'}],
+               vmstate={'target': 'internal', 'node-name': 'disk0'},
+               instant='end')
+        deadline = t0 + 300
+        while True:
+            job = next(j for j in vm.cmd('query-jobs')
+                       if j['id'] == 'bench-group')
+            if job['status'] == 'concluded':
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f'{name}: group not done: {job}')
+            time.sleep(0.01)
+        total_s = time.monotonic() - t0
+        vm.cmd('job-dismiss', id='bench-group')
+        if 'error' in job:
+            raise RuntimeError(f'{name}: {job["error"]}')
+        snaps = vm.cmd('query-block')[0]['inserted']['image'].get(
+            'snapshots', [])
+        size = [s for s in snaps if s['name'] == name][0]['vm-state-size']
+        return {'path': self.image, 'fmt': 'qcow2', 'snapshot': name,
+                'total_s': total_s, 'save_ms': total_s * 1000,
+                'written': size,
+                'allocated': os.stat(self.image).st_blocks * 512 - before,
+                'load_bytes': size}
+
     def run_saves(self):
         rows = []
         for rnd in range(1, self.args.state_rounds + 1):
@@ -475,6 +512,8 @@ class StateBench:
             row = self.save_node(name, **opts)
         elif kind == 'file':
             row = self.save_file(name, **opts)
+        elif kind == 'group':
+            row = self.save_group(name)
         else:
             row = self.save_savevm(name)
         st = self.vm.cmd('query-status')
@@ -490,8 +529,8 @@ class StateBench:
         row.setdefault('allocated', os.stat(row['path']).st_blocks * 512)
         # QEMU's file: transport does not fsync; block-node and savevm
         # flush.  What is left to sync counts as save time.
-        row['sync_ms'] = (drop_cache(row['path']) if kind != 'savevm'
-                          else 0.0)
+        row['sync_ms'] = (drop_cache(row['path'])
+                          if kind not in ('savevm', 'group') else 0.0)
         print(f'  round {rnd}: {label}: pause {pause_ms:.1f} ms, '
               f'{row["total_s"]:.2f} s', file=sys.stderr, flush=True)
         return row
@@ -501,8 +540,8 @@ class StateBench:
     def load(self, row):
         """Load row's state into a fresh, paused QEMU; milliseconds."""
         key = f'{row["key"]}-{row["round"]}'
-        extra = ['-S'] + ([] if row['kind'] == 'savevm'
-                          else ['-incoming', 'defer'])
+        internal = row['kind'] in ('savevm', 'group')
+        extra = ['-S'] + ([] if internal else ['-incoming', 'defer'])
         vm = VM(f'load-{key}', self.tmp, self.tmp, [self.image],
                 ['/dev/vda'], extra_args=extra, **self.vm_kw())
         self.vms.append(vm)
@@ -510,7 +549,7 @@ class StateBench:
         drop_cache(self.image)
         vm.launch()
         try:
-            if row['kind'] == 'savevm':
+            if internal:
                 t0 = time.monotonic()
                 out = vm.cmd('human-monitor-command',
                              **{'command-line':
@@ -555,7 +594,7 @@ class StateBench:
             self.vm.shutdown()
         for row in rows:
             row['load_ms'] = self.load(row)
-            if row['kind'] != 'savevm':
+            if row['kind'] not in ('savevm', 'group'):
                 os.unlink(row['path'])
         return rows
 
@@ -623,8 +662,13 @@ def print_state_table(rows, bench, info):
     print('total: wall time of the whole save as a user runs it (ours: '
           'vmsnap state.save, image creation and node set-up included).')
     print('written: bytes QEMU wrote (query-migrate ram.transferred; '
-          'savevm: vm-state-size); alloc: bytes the file took on disk '
-          '(st_blocks; savevm: growth of the disk image).')
+          'savevm and the group: vm-state-size); alloc: bytes the file '
+          'took on disk (st_blocks; savevm and the group: growth of the '
+          'disk image).')
+    print('group: snapshot-group at the end instant, the qcow2 disk '
+          'internal with the VM state in it (a live savevm); loaded with '
+          'loadvm like savevm; total and save ms: until its job '
+          'concluded.')
     print('save ms: QEMU\'s total-time (savevm: the command); sync ms: '
           'fsync of the file afterwards (file: does not sync; block-node '
           'and savevm flush).  save MiB/s = written / (save + sync); '

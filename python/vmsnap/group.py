@@ -250,9 +250,9 @@ async def _find(qmp, tag) -> GroupInfo:
     return group
 
 
-async def _run_job(qmp, job_id, command, args, log):
+async def _run_job(qmp, job_id, command, args):
     await _execute(qmp, command, dict(args, **{'job-id': job_id}))
-    job = await _follow(qmp, job_id, log)
+    job = await _follow(qmp, job_id, lambda msg: None)
     if 'error' in job:
         raise RuntimeError(job['error'])
 
@@ -274,7 +274,7 @@ async def load_group(qmp_path: str, tag: str,
             f'VM state in {group.state_node}')
         await _run_job(qmp, f'vmsnap-load-{os.getpid()}', 'snapshot-load',
                        {'tag': tag, 'vmstate': group.state_node,
-                        'devices': group.disks}, log)
+                        'devices': group.disks})
         return group
     finally:
         await qmp.disconnect()
@@ -290,7 +290,7 @@ async def delete_group(qmp_path: str, tag: str,
         log(f'deleting group {tag!r} from {", ".join(group.disks)}')
         await _run_job(qmp, f'vmsnap-delete-{os.getpid()}',
                        'snapshot-delete',
-                       {'tag': tag, 'devices': group.disks}, log)
+                       {'tag': tag, 'devices': group.disks})
         return group
     finally:
         await qmp.disconnect()
