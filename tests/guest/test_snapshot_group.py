@@ -246,9 +246,10 @@ class SnapshotGroup(SnapshotGroupBase):
 class LiveInternalSnapshot(SnapshotGroupBase):
     """The proposal's case 4: every disk internal, the state inside too.
 
-    One group at the end instant takes both qcow2 disks as internal
-    snapshots, the VM state in the first one's VM state area, as savevm
-    would but with the guest running while its state is saved.  It is
+    One group takes both qcow2 disks as internal snapshots, the VM state
+    in the first one's VM state area, as savevm would but with the guest
+    running while its state is saved: at the end instant, or at the
+    start, where the state is moved into the snapshot afterwards.  It is
     loaded back in place (snapshot-load in the running QEMU) and into a
     fresh QEMU started with -loadvm; each time the agent's CHECK must
     find the disks and RAM in agreement.  The negative control loads
@@ -280,6 +281,12 @@ class LiveInternalSnapshot(SnapshotGroupBase):
                                  f'{qemu_img} check {disk}: {out.stdout}')
 
     def test_end_live_internal(self):
+        self.run_live_internal('end')
+
+    def test_start_live_internal(self):
+        self.run_live_internal('start')
+
+    def run_live_internal(self, instant):
         vm = self.boot_writer()
         tag = 'live'
         vm.qmp.clear_events()
@@ -289,7 +296,7 @@ class LiveInternalSnapshot(SnapshotGroupBase):
                disks=[{'node-name': 'disk0', 'action': 'internal'},
                       {'node-name': 'disk1', 'action': 'internal'}],
                vmstate={'target': 'internal', 'node-name': 'disk0'},
-               instant='end')
+               instant=instant)
         job = self.wait_job(vm)
         pause = self.pause_ms(vm)
         _, _, lc_after = vm.mark('live-after')
@@ -297,9 +304,9 @@ class LiveInternalSnapshot(SnapshotGroupBase):
                                   n['image'].get('snapshots', [])]
                  for n in vm.cmd('query-named-block-nodes')
                  if n['node-name'] in ('disk0', 'disk1')}
-        self.log.info('end instant, state in disk0: guest paused %.1f ms; '
-                      '%d bytes of state; snapshot VM sizes %s', pause,
-                      job['current-progress'], sizes)
+        self.log.info('%s instant, state in disk0: guest paused %.1f ms; '
+                      '%d bytes of state; snapshot VM sizes %s', instant,
+                      pause, job['current-progress'], sizes)
         self.assertGreater(sizes['disk0'][0], 0)
         self.assertEqual(sizes['disk1'], [0])
 
@@ -307,8 +314,8 @@ class LiveInternalSnapshot(SnapshotGroupBase):
         vm.wait_records(lc_after + NEG_AHEAD, timeout=60)
         self.load_in_place(vm, tag, ['disk0', 'disk1'])
         seq = self.assert_live_check(vm)
-        self.log.info('loaded in place: at record %d (group began at %d, '
-                      'ended at %d)', seq, lc, lc_after)
+        self.log.info('%s instant, loaded in place: at record %d (group '
+                      'began at %d, ended at %d)', instant, seq, lc, lc_after)
         self.assertGreaterEqual(seq, lc)
         self.assertLess(seq, lc_after + NEG_AHEAD)
 
