@@ -25,8 +25,9 @@ times each, alternating:
 
   ours      block-node mode start (raw image), mode end (raw image),
             mode start into a qcow2 image (vmsnap state.save);
-            snapshot-group at the end instant with the disk internal
-            and the state inside it (a live savevm), loaded with loadvm
+            snapshot-group at the end and at the start instant with the
+            disk internal and the state inside it (a live savevm),
+            loaded with loadvm
   upstream  migrate to file: with background-snapshot; to file: with
             mapped-ram, precopy; to file:, plain stream, precopy (both
             precopies leave the source in postmigrate: the time until
@@ -267,7 +268,10 @@ STATE_METHODS = [
     ('node-start-qcow2', 'ours block-node start, qcow2', 'node',
      {'mode': 'start', 'fmt': 'qcow2'}),
     ('savevm', 'upstream HMP savevm (qcow2 disk)', 'savevm', {}),
-    ('group-internal', 'ours snapshot-group end, internal', 'group', {}),
+    ('group-internal', 'ours group end, internal state', 'group',
+     {'instant': 'end'}),
+    ('group-internal-start', 'ours group start, internal state', 'group',
+     {'instant': 'start'}),
 ]
 BASELINE = 'bg-file'    # pause ratios are against this one
 
@@ -458,9 +462,9 @@ class StateBench:
                 'allocated': os.stat(self.image).st_blocks * 512 - before,
                 'load_bytes': size}
 
-    def save_group(self, name):
-        """A live savevm: snapshot-group at the end instant, the disk
-        internal with the state inside."""
+    def save_group(self, name, instant):
+        """A live savevm: snapshot-group at @instant, the disk internal
+        with the state inside."""
         vm = self.vm
         before = os.stat(self.image).st_blocks * 512
         vm.cmd('migrate-set-parameters', **{
@@ -469,7 +473,7 @@ class StateBench:
         vm.cmd('snapshot-group', **{'job-id': 'bench-group'}, tag=name,
                disks=[{'node-name': 'disk0', 'action': 'internal'}],
                vmstate={'target': 'internal', 'node-name': 'disk0'},
-               instant='end')
+               instant=instant)
         deadline = t0 + 300
         while True:
             job = next(j for j in vm.cmd('query-jobs')
@@ -513,7 +517,7 @@ class StateBench:
         elif kind == 'file':
             row = self.save_file(name, **opts)
         elif kind == 'group':
-            row = self.save_group(name)
+            row = self.save_group(name, **opts)
         else:
             row = self.save_savevm(name)
         st = self.vm.cmd('query-status')
@@ -665,9 +669,9 @@ def print_state_table(rows, bench, info):
           'savevm and the group: vm-state-size); alloc: bytes the file '
           'took on disk (st_blocks; savevm and the group: growth of the '
           'disk image).')
-    print('group: snapshot-group at the end instant, the qcow2 disk '
-          'internal with the VM state in it (a live savevm); loaded with '
-          'loadvm like savevm; total and save ms: until its job '
+    print('group: snapshot-group at the end or start instant, the qcow2 '
+          'disk internal with the VM state in it (a live savevm); loaded '
+          'with loadvm like savevm; total and save ms: until its job '
           'concluded.')
     print('save ms: QEMU\'s total-time (savevm: the command); sync ms: '
           'fsync of the file afterwards (file: does not sync; block-node '

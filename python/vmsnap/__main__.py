@@ -84,8 +84,7 @@ def _add_group_commands(sub):
                        'block node')
     where.add_argument('--state-internal', metavar='NODE',
                        help='save the VM state into the internal snapshot '
-                       'of NODE, one of the internal disks, as savevm does '
-                       '(with --instant end)')
+                       'of NODE, one of the internal disks, as savevm does')
     p.add_argument('--instant', choices=['start', 'end'], default='start',
                    help='start: the guest as the command ran (default); '
                    'end: at the end of an iterative save')
