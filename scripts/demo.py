@@ -20,9 +20,9 @@ back where it was, checks its disks against the records in its RAM and
 goes on writing.
 
 Last, a snapshot-group with "vmsnap group create": both disks as qcow2
-internal snapshots with the VM state inside the first one, at the end
-of a live save (a live savevm: the guest runs while its state is
-saved).  "vmsnap group list" shows it, the guest runs on, and "vmsnap
+internal snapshots with the VM state inside the first one, at the start
+instant (a live savevm: the guest pauses only to snapshot the disks and
+capture the device state, and runs while its RAM is saved).  "vmsnap group list" shows it, the guest runs on, and "vmsnap
 group load" takes it back in place; the agent, back at the group's
 instant, checks its disks against its RAM.
 """
@@ -177,7 +177,7 @@ def live_group(qmp_sock, agent):
     t0 = time.monotonic()
     vmsnap('group', 'create', '--qmp', qmp_sock, '--tag', 'demo',
            '--disk', 'disk0=internal', '--disk', 'disk1=internal',
-           '--state-internal', 'disk0', '--instant', 'end')
+           '--state-internal', 'disk0', '--instant', 'start')
     t1 = time.monotonic()
     taken = agent.stats()
     print(f'   during the {1000 * (t1 - t0):.0f} ms of the group the guest '
