@@ -79,7 +79,8 @@ async def create_group(qmp_path: str, tag: str, disks: List[dict],
     job_id = f'vmsnap-{os.getpid()}'
     node = state_node
     qmp = QMPClient('vmsnap')
-    listener = EventListener(('STOP', 'RESUME', 'BLOCK_DRAIN_END'))
+    listener = EventListener(('STOP', 'RESUME', 'BLOCK_DRAIN_END',
+                              'SNAPSHOT_GROUP_COMPLETED'))
     qmp.register_listener(listener)
     node_added = job_started = False
     drains = any(d['action'] == 'drain' for d in disks)
@@ -124,8 +125,12 @@ async def create_group(qmp_path: str, tag: str, disks: List[dict],
         job_started = False
         if 'error' in job:
             raise RuntimeError(job['error'])
-        result.state_bytes = job['current-progress'] \
-            if node or state_internal else 0
+        # What the group says it wrote (the progress counts the captured
+        # device state twice at the start instant)
+        done = [ev['data'] for ev in listener.history
+                if ev['event'] == 'SNAPSHOT_GROUP_COMPLETED' and
+                ev['data']['job-id'] == job_id]
+        result.state_bytes = done[-1]['vmstate-size'] if done else 0
         result.pause_ms = _pause_from_events(listener.history)
         log(f'group {tag!r} taken; guest paused '
             f'{result.pause_ms or 0:.1f} ms')
