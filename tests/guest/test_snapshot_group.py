@@ -254,8 +254,9 @@ class LiveInternalSnapshot(SnapshotGroupBase):
     fresh QEMU started with -loadvm; each time the agent's CHECK must
     find the disks and RAM in agreement.  The negative control loads
     the first disk and the state but leaves the second disk later, and
-    must fail that check.  Both this build's qemu-img and the
-    distribution's find the images clean.
+    must fail that check.  HMP's delvm deletes it from both disks, and
+    both this build's qemu-img and the distribution's find the images
+    clean.
     """
 
     def boot_writer(self, n_qmp=1):
@@ -337,6 +338,13 @@ class LiveInternalSnapshot(SnapshotGroupBase):
         self.assertGreaterEqual(seq2, lc)
         fresh.wait_records(seq2 + 10, timeout=30)
         self.assert_no_agent_errors(fresh)
+        # HMP's delvm takes it too, from every disk
+        out = fresh.cmd('human-monitor-command',
+                        **{'command-line': f'delvm {tag}'})
+        self.assertEqual(out.strip(), '')
+        left = [s['name'] for n in fresh.cmd('query-named-block-nodes')
+                for s in n['image'].get('snapshots', [])]
+        self.assertEqual(left, [])
         fresh.shutdown()
         self.check_images()
 
