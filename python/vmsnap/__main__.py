@@ -20,7 +20,8 @@ def main(argv=None):
         description='Freeze the guest (optional), drain the block nodes, '
         'run the host snapshot, end the drain and thaw, whatever happens. '
         'Methods: "lvm VG/LV NAME SIZE", "btrfs SUBVOLUME DEST", '
-        '"reflink SRC DEST", "command \'SHELL COMMAND\'".')
+        '"reflink SRC DEST", "rbd POOL/IMAGE@SNAP", '
+        '"command \'SHELL COMMAND\'".')
     p.add_argument('--qmp', required=True, help="QEMU's QMP unix socket")
     p.add_argument('--qga', help="qemu-guest-agent's unix socket; "
                    'freeze the guest filesystems around the snapshot')
@@ -32,7 +33,8 @@ def main(argv=None):
     p.add_argument('--id', help='drain id (default vmsnap-PID)')
     p.add_argument('--json', action='store_true',
                    help='print the result as JSON on the last line')
-    p.add_argument('method', choices=['lvm', 'btrfs', 'reflink', 'command'])
+    p.add_argument('method',
+                   choices=['lvm', 'btrfs', 'reflink', 'rbd', 'command'])
     p.add_argument('args', nargs='+', help='arguments of the method')
     _add_group_commands(sub)
     opts = parser.parse_args(argv)

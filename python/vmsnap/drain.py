@@ -56,9 +56,11 @@ def snapshot_command(method: str, args: Sequence[str]) -> List[str]:
     lvm SOURCE_LV NAME SIZE   -> lvcreate -s -n NAME -L SIZE SOURCE_LV
     btrfs SUBVOLUME DEST      -> btrfs subvolume snapshot -r SUBVOLUME DEST
     reflink SRC DEST          -> cp --reflink=auto --sparse=always SRC DEST
+    rbd POOL/IMAGE@SNAP       -> rbd snap create POOL/IMAGE@SNAP
+                                 (the cluster from CEPH_CONF, or the default)
     command 'SHELL COMMAND'   -> sh -c 'SHELL COMMAND'
     """
-    want = {'lvm': 3, 'btrfs': 2, 'reflink': 2, 'command': 1}
+    want = {'lvm': 3, 'btrfs': 2, 'reflink': 2, 'rbd': 1, 'command': 1}
     if method not in want:
         raise ValueError(f'unknown snapshot method {method!r}')
     if len(args) != want[method]:
@@ -71,6 +73,10 @@ def snapshot_command(method: str, args: Sequence[str]) -> List[str]:
         return ['btrfs', 'subvolume', 'snapshot', '-r', args[0], args[1]]
     if method == 'reflink':
         return ['cp', '--reflink=auto', '--sparse=always', args[0], args[1]]
+    if method == 'rbd':
+        if '@' not in args[0]:
+            raise ValueError(f'rbd takes POOL/IMAGE@SNAP, got {args[0]!r}')
+        return ['rbd', 'snap', 'create', args[0]]
     return ['sh', '-c', args[0]]
 
 

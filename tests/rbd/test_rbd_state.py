@@ -15,7 +15,10 @@ QEMU's qtest protocol writes and reads guest RAM), and check:
  - "rbd snap create" of the state image while nothing writes to it
    keeps that state: after a second save into the same image, the
    snapshot (opened read-only) loads the first state, the image the
-   second; and a blank image fails to load, leaving QEMU running.
+   second; and a blank image fails to load, leaving QEMU running;
+ - "vmsnap drain-snapshot ... rbd POOL/IMAGE@SNAP" snapshots the image
+   of a drained disk in Ceph: the snapshot holds what was written
+   before the drain, the image what was written after it.
 
 They are skipped when the QEMU build has no rbd driver (configure
 --enable-rbd, with librbd-dev) or, without a cluster given, when the
@@ -32,10 +35,12 @@ Run with:
 """
 
 import asyncio
+import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -397,3 +402,51 @@ class RbdState(Test):
             self.load('dst-blank', blank)
         self.assertEqual(self.vms[-1].cmd('query-status')['status'],
                          'inmigrate')
+
+    def disk_io(self, vm, cmd, node='disk'):
+        out = vm.cmd('human-monitor-command',
+                     command_line=f'qemu-io {node} "{cmd}"')
+        self.assertNotIn('error', out.lower(), out)
+
+    def image_pattern(self, image, snapshot=None):
+        """The byte the first 64 KiB of the image (or snapshot) hold."""
+        spec = {'driver': 'raw',
+                'file': {'driver': 'rbd', 'pool': self.pool, 'image': image,
+                         'conf': self.conf}}
+        if snapshot:
+            spec['file']['snapshot'] = snapshot
+        out = os.path.join(self.sockdir, 'copy.raw')
+        subprocess.run([guest.qemu_img(), 'convert', '-U', '-O', 'raw',
+                        f'json:{json.dumps(spec)}', out], check=True,
+                       capture_output=True)
+        with open(out, 'rb') as f:
+            data = set(f.read(65536))
+        return hex(data.pop()) if len(data) == 1 else f'mixed {data}'
+
+    def test_drain_snapshot_method_rbd(self):
+        vm = self.vm('src')
+        image = self.create_image('disk', 16 * 1024 * 1024)
+        vm.cmd('blockdev-add', driver='rbd', node_name='disk-rbd',
+               pool=self.pool, image=image, conf=self.conf)
+        vm.cmd('blockdev-add', driver='raw', node_name='disk',
+               file='disk-rbd')
+        self.disk_io(vm, 'write -P 0x11 0 64k')
+        argv = [sys.executable, '-m', 'vmsnap', 'drain-snapshot',
+                '--qmp', vm.wrapper_sock, '--nodes', 'disk', '--timeout',
+                '30', '--json', 'rbd', f'{self.pool}/{image}@backup']
+        env = dict(os.environ, PYTHONPATH=str(guest.REPO / 'python'),
+                   CEPH_CONF=self.conf)
+        out = subprocess.run(argv, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=env,
+                             timeout=120, check=False)
+        self.log.info('vmsnap drain-snapshot:\n%s', out.stdout)
+        self.assertEqual(out.returncode, 0, out.stdout)
+        result = json.loads([line for line in out.stdout.splitlines()
+                             if line.startswith('{')][-1])
+        self.assertIsNotNone(result['held_ms'])
+        self.assertEqual(vm.cmd('query-block-drains'), [])
+        self.disk_io(vm, 'write -P 0x22 0 64k')
+        self.assertIn('backup', self.rbd('snap', 'ls',
+                                         f'{self.pool}/{image}'))
+        self.assertEqual(self.image_pattern(image, 'backup'), '0x11')
+        self.assertEqual(self.image_pattern(image), '0x22')
