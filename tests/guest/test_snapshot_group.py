@@ -160,17 +160,21 @@ class SnapshotGroupBase(GuestTest):
         restored.shutdown()
         return seq
 
+    def assert_check_fails(self, vm):
+        """The negative control: the agent's CHECK must fail."""
+        with self.assertRaises(AssertionError,
+                               msg='the state loaded with a later disk '
+                               'passed the check') as caught:
+            vm.agent.check()
+        self.log.info('negative control: %s', caught.exception)
+
     def negative_control(self, vm, disks, state_file, lc):
         vm.wait_records(lc + NEG_AHEAD + 20, timeout=60)
         vm.cmd('stop')
         later = self.copy_images([self.disks[1]], 'later')[0]
         vm.cmd('cont')
         wrong, _ = self.restore('wrong-disks', [disks[0], later], state_file)
-        with self.assertRaises(AssertionError,
-                               msg='the state loaded with a later disk '
-                               'passed the check') as caught:
-            wrong.agent.check()
-        self.log.info('negative control: %s', caught.exception)
+        self.assert_check_fails(wrong)
         wrong.shutdown()
 
     def run_case(self, instant, negative=False):
@@ -323,11 +327,7 @@ class LiveInternalSnapshot(SnapshotGroupBase):
         # Negative control: disk1 stays later than the state and disk0
         vm.wait_records(seq + NEG_AHEAD, timeout=60)
         self.load_in_place(vm, tag, ['disk0'])
-        with self.assertRaises(AssertionError,
-                               msg='the state loaded with a later disk '
-                               'passed the check') as caught:
-            vm.agent.check()
-        self.log.info('negative control: %s', caught.exception)
+        self.assert_check_fails(vm)
         vm.shutdown()
 
         # A fresh QEMU on the same images
