@@ -45,7 +45,11 @@ for fmt in qcow2 raw; do
     sel=(-g auto "${ours[@]}")
   fi
   note "iotests -$fmt ${sel[*]}"
-  ./check --color=off -$fmt "${sel[@]}" 2>&1 | tee "$log/$fmt" || status=1
+  # check has no timeout of its own: a hung test must fail the run, with
+  # its name in the log, and leave CI time for the rest (about 10 minutes
+  # for both formats on 2 cores)
+  timeout -k 30 30m ./check --color=off -$fmt "${sel[@]}" 2>&1 |
+    tee "$log/$fmt" || status=1
 done
 
 # One summary line per format, from check's own per-test status lines
