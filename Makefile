@@ -5,7 +5,7 @@ VMSNAP_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/vmsnap
 export VMSNAP_CACHE
 VENV_PY := $(VMSNAP_CACHE)/venv/bin/python3
 AVOCADO := $(VMSNAP_CACHE)/venv/bin/avocado
-RUN_PY := PYTHONPATH=$(CURDIR)/python $(VENV_PY)
+RUN_PY := PYTHONPATH=$(CURDIR)/python:$(CURDIR)/tests/lib $(VENV_PY)
 # make install: where the installed files are used from, and a staging
 # root prepended to every path written (for packaging).
 PREFIX ?= /usr/local
@@ -55,7 +55,7 @@ check-migration: build
 
 # Guest-level tests: results checked inside the guest by the agent.
 check-guest: all
-	PYTHONPATH=$(CURDIR)/python $(AVOCADO) run --max-parallel-tasks=1 \
+	PYTHONPATH=$(CURDIR)/python:$(CURDIR)/tests/lib $(AVOCADO) run --max-parallel-tasks=1 \
 		--job-results-dir=$(VMSNAP_CACHE)/avocado tests/guest/
 
 # make install into a scratch DESTDIR; the test guest boots from the

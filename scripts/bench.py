@@ -41,7 +41,7 @@ write speed of the same file system and load throughput against its
 sequential read speed, both measured in the same run.  Every precopy
 runs with the same downtime-limit (--downtime-ms, 20).
 
-    PYTHONPATH=python $venv/bin/python scripts/bench.py [--rounds 5]
+    PYTHONPATH=python:tests/lib $venv/bin/python scripts/bench.py [--rounds 5]
         [--extra-hold-ms 0] [--state-rounds 5] [--state-guest-mem 1024]
         [--skip-drain] [--skip-state] [--json out.json]
 
@@ -62,8 +62,9 @@ import time
 
 from qemu.qmp import QMPError
 
-from vmsnap import guest, state
-from vmsnap.vm import VM
+from vmsnap import state
+from vmsnaptest import guest
+from vmsnaptest.vm import VM
 
 TICKS_PER_S = 100       # the agent ticks every 10 ms
 

@@ -31,14 +31,14 @@ if grep -qF "$build" <<<"$search"; then
 $search"
 fi
 
-PYTHONPATH=$here/python "$VMSNAP_CACHE/venv/bin/python3" - \
+PYTHONPATH=$here/python:$here/tests/lib "$VMSNAP_CACHE/venv/bin/python3" - \
     "$bin/qemu-system-x86_64" "$work" > "$work/boot.txt" <<'EOF'
 import os
 import subprocess
 import sys
 import time
 
-from vmsnap import guest
+from vmsnaptest import guest
 
 qemu, work = sys.argv[1:]
 # The accelerator guest.probe_accel() finds for the build's binary, of

@@ -25,6 +25,6 @@ else
   note "no Ceph daemons installed (ceph-mon, ceph-osd): the rbd tests skip"
 fi
 
-PYTHONPATH=$here/python "$VMSNAP_CACHE/venv/bin/avocado" run \
+PYTHONPATH=$here/python:$here/tests/lib "$VMSNAP_CACHE/venv/bin/avocado" run \
   --max-parallel-tasks=1 --job-results-dir="$VMSNAP_CACHE/avocado" \
   "$here/tests/rbd/"

@@ -34,8 +34,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'python'))
-from vmsnap import guest, state  # noqa: E402
+_repo = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(_repo / 'python'), str(_repo / 'tests' / 'lib')]
+from vmsnap import state  # noqa: E402
+from vmsnaptest import guest  # noqa: E402
 
 
 def boot(workdir, name, disks, mode, qmp=True, qga=True, extra_args=()):

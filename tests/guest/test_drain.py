@@ -1,7 +1,7 @@
 """Guest-level tests of block-drain-begin / block-drain-end.
 
-They boot the vmsnap test guest (see python/vmsnap/guest.py; the VM
-class of python/vmsnap/vm.py runs it with QMP) with data disks on which
+They boot the vmsnap test guest (see tests/lib/vmsnaptest/guest.py; the VM
+class of tests/lib/vmsnaptest/vm.py runs it with QMP) with data disks on which
 the in-guest agent writes numbered, checksummed records, and judge every
 result from inside the guest through the agent:
 
@@ -15,7 +15,7 @@ result from inside the guest through the agent:
 
 Run with:
 
-    PYTHONPATH=python $venv/bin/avocado run tests/guest/test_drain.py
+    PYTHONPATH=python:tests/lib $venv/bin/avocado run tests/guest/test_drain.py
 """
 
 import os
@@ -30,8 +30,8 @@ from avocado import Test
 
 from qemu.qmp import QMPError
 
-from vmsnap import guest
-from vmsnap.vm import VM
+from vmsnaptest import guest
+from vmsnaptest.vm import VM
 
 # On-disk layout of an agent target (guest/agent/vmsnap-agent.c).
 REC_MAGIC = b'VMSNAPR1'

@@ -13,7 +13,7 @@ runs with the plain migration stream and with mapped-ram.
 
 Run with:
 
-    PYTHONPATH=python $venv/bin/avocado run tests/guest/test_drain_vmstate.py
+    PYTHONPATH=python:tests/lib $venv/bin/avocado run tests/guest/test_drain_vmstate.py
 """
 
 import os
@@ -21,8 +21,8 @@ import time
 
 from qemu.qmp import QMPError
 
-from vmsnap import guest
-from vmsnap.vm import VM
+from vmsnaptest import guest
+from vmsnaptest.vm import VM
 
 from test_drain import GuestTest, NSLOTS
 

@@ -31,7 +31,7 @@ and must fail that check.
 
 Run with:
 
-    PYTHONPATH=python $venv/bin/avocado run tests/guest/test_snapshot_group.py
+    PYTHONPATH=python:tests/lib $venv/bin/avocado run tests/guest/test_snapshot_group.py
 """
 
 import json
@@ -40,7 +40,7 @@ import subprocess
 import sys
 import time
 
-from vmsnap import guest
+from vmsnaptest import guest
 
 from test_drain import GuestTest
 from test_start_instant import StartInstant
@@ -98,12 +98,13 @@ class SnapshotGroupBase(GuestTest):
              for e in stops]
         return (t[1] - t[0]) * 1000
 
-    def take_group(self, vm, tag, instant):
-        """One group of both disks and the state; the disks as it took them
+    def take_group(self, vm, tag, instant, d0_action):
+        """One group of both disks and the state, disk1 drained and disk0
+        with @d0_action (internal or external); the disks as it took them
         (images to restore from) and the state file."""
         node, state_file = self.add_state_node(vm, tag)
         disks = [{'node-name': 'disk1', 'action': 'drain'}]
-        if instant == 'start':
+        if d0_action == 'internal':
             disks.append({'node-name': 'disk0', 'action': 'internal'})
         else:
             overlay = self.path('d0-overlay.qcow2')
@@ -138,15 +139,16 @@ class SnapshotGroupBase(GuestTest):
         vm.wait_records(lc + 20, timeout=60)
         self.del_node(vm, node)
 
-        if instant == 'start':
+        if d0_action == 'internal':
             d0 = self.path(f'{tag}-d0.qcow2')
             subprocess.run([guest.qemu_img(), 'convert', '-U', '-q',
                             '-l', f'snapshot.name={tag}', '-O', 'qcow2',
                             self.disks[0], d0], check=True)
         else:
             d0 = self.copy_images([self.disks[0]], tag)[0]
-        self.log.info('%s instant: guest paused %.1f ms; %d bytes of state '
-                      'written', instant, pause, job['current-progress'])
+        self.log.info('%s instant, disk0 %s: guest paused %.1f ms; %d bytes '
+                      'of state written', instant, d0_action, pause,
+                      job['current-progress'])
         return [d0, copy_d1], state_file, lc
 
     def check_restore(self, name, disks, state_file):
@@ -177,10 +179,10 @@ class SnapshotGroupBase(GuestTest):
         self.assert_check_fails(wrong)
         wrong.shutdown()
 
-    def run_case(self, instant, negative=False):
+    def run_case(self, instant, d0_action, negative=False):
         vm = self.boot_writer()
         disks, state_file, lc = self.take_group(vm, f'group-{instant}',
-                                                instant)
+                                                instant, d0_action)
         seq = self.check_restore(f'restored-{instant}', disks, state_file)
         self.log.info('%s instant: restored at record %d (the group began '
                       'at %d)', instant, seq, lc)
@@ -196,13 +198,24 @@ class SnapshotGroupBase(GuestTest):
 
 
 class SnapshotGroup(SnapshotGroupBase):
-    """Internal/external and drained disks with the state, at one instant."""
+    """
+    Internal/external and drained disks with the state in a block node, at
+    one instant: the proposal's cases 1 (external), 2 (internal) and 3
+    (drained, a copy taken while the drain holds), mixed in one group, at
+    both instants.  Restored into a fresh QEMU, as a block-node state is.
+    """
 
     def test_start_internal_and_drained(self):
-        self.run_case('start', negative=True)
+        self.run_case('start', 'internal', negative=True)
+
+    def test_start_external_and_drained(self):
+        self.run_case('start', 'external')
+
+    def test_end_internal_and_drained(self):
+        self.run_case('end', 'internal')
 
     def test_end_external_and_drained(self):
-        self.run_case('end')
+        self.run_case('end', 'external', negative=True)
 
     def test_wrapper_start_internal_and_drained(self):
         vm = self.boot_writer(n_qmp=2)

@@ -58,7 +58,7 @@ every round stopped and resumed the guest twice, and 28 of 30 rounds
 
 Run with:
 
-    PYTHONPATH=python $venv/bin/avocado run tests/guest/test_start_instant.py
+    PYTHONPATH=python:tests/lib $venv/bin/avocado run tests/guest/test_start_instant.py
 """
 
 import asyncio
@@ -68,8 +68,9 @@ import time
 
 from qemu.qmp import QMPError
 
-from vmsnap import guest, state
-from vmsnap.vm import VM
+from vmsnap import state
+from vmsnaptest import guest
+from vmsnaptest.vm import VM
 
 from test_drain import GuestTest, newest_record
 from test_vmstate_node import (DIRTY_MEM, DIRTY_RATE, NEG_AHEAD,

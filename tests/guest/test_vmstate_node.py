@@ -26,7 +26,7 @@ Either way disks and RAM show the same instant.  For each:
 
 Run with:
 
-    PYTHONPATH=python $venv/bin/avocado run tests/guest/test_vmstate_node.py
+    PYTHONPATH=python:tests/lib $venv/bin/avocado run tests/guest/test_vmstate_node.py
 """
 
 import asyncio
@@ -35,8 +35,9 @@ import subprocess
 import threading
 import time
 
-from vmsnap import guest, state
-from vmsnap.vm import VM
+from vmsnap import state
+from vmsnaptest import guest
+from vmsnaptest.vm import VM
 
 # state.save(create=True) creates the images with this build's qemu-img
 os.environ.setdefault('VMSNAP_QEMU_IMG', guest.qemu_img())

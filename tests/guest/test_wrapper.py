@@ -18,7 +18,7 @@ import time
 from avocado import Test
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from vmsnap import guest
+from vmsnaptest import guest
 
 TARGETS = ['/mnt/data/records', '/dev/vdb']
 

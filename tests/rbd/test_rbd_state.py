@@ -31,7 +31,7 @@ cluster that matters.
 Run with:
 
     make check-rbd
-    PYTHONPATH=python $venv/bin/avocado run tests/rbd/test_rbd_state.py
+    PYTHONPATH=python:tests/lib $venv/bin/avocado run tests/rbd/test_rbd_state.py
 """
 
 import asyncio
@@ -50,7 +50,8 @@ from avocado import Test, skipUnless
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from vmsnap import guest, state
+from vmsnap import state
+from vmsnaptest import guest
 
 CLUSTER_SH = guest.REPO / 'scripts' / 'ceph-cluster.sh'
 MEM_MIB = 64

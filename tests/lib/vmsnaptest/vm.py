@@ -29,7 +29,7 @@ import time
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from vmsnap import guest
+from vmsnaptest import guest
 
 CHECK_RE = r'^CHECK (OK (\d+)|FAIL (.*))$'
 

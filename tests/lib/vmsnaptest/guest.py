@@ -29,7 +29,7 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 QEMU_BUILD = Path(os.environ.get('VMSNAP_QEMU_BUILD', REPO / 'qemu' / 'build'))
 # build-qemu.sh links the firmware (bios-256k.bin and friends) here.
 FIRMWARE_DIR = QEMU_BUILD / 'qemu-bundle' / 'usr' / 'local' / 'share' / 'qemu'
