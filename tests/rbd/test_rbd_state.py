@@ -52,6 +52,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from vmsnap import state
 from vmsnaptest import guest
+from vmsnaptest.vm import stop_qemu
 
 CLUSTER_SH = guest.REPO / 'scripts' / 'ceph-cluster.sh'
 MEM_MIB = 64
@@ -189,24 +190,8 @@ class QtestVM:
                 self.qtest_file.close()
             except OSError:
                 pass
-        if self.qmp is not None:
-            if self.proc.poll() is None:
-                try:
-                    self.qmp.settimeout(5)
-                    self.qmp.cmd('quit')
-                except Exception:       # pylint: disable=broad-except
-                    pass
-            try:
-                self.qmp.close()
-            except Exception:           # pylint: disable=broad-except
-                pass
-            self.qmp = None
-        if self.proc is not None:
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_qemu(self.proc, self.qmp)
+        self.qmp = None
 
 
 class RbdState(Test):

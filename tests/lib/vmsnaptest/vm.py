@@ -34,6 +34,28 @@ from vmsnaptest import guest
 CHECK_RE = r'^CHECK (OK (\d+)|FAIL (.*))$'
 
 
+def stop_qemu(proc, qmp, graceful=True):
+    """QMP quit and wait for QEMU @proc (graceful), or kill it; close
+    @qmp (a QEMUMonitorProtocol, or None)."""
+    if qmp is not None:
+        if graceful and proc.poll() is None:
+            try:
+                qmp.settimeout(5)
+                qmp.cmd('quit')
+            except Exception:       # pylint: disable=broad-except
+                pass
+        try:
+            qmp.close()
+        except Exception:           # pylint: disable=broad-except
+            pass
+    if proc is not None:
+        try:
+            proc.wait(10 if graceful else 0.1)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class VM:
     """One QEMU process running the test guest, with agent and QMP.
 
@@ -171,24 +193,8 @@ class VM:
 
     def shutdown(self, graceful=True):
         """QMP quit and wait for QEMU (graceful), or kill it; close all."""
-        if self.qmp is not None:
-            if graceful and self.proc.poll() is None:
-                try:
-                    self.qmp.settimeout(5)
-                    self.qmp.cmd('quit')
-                except Exception:       # pylint: disable=broad-except
-                    pass
-            try:
-                self.qmp.close()
-            except Exception:           # pylint: disable=broad-except
-                pass
-            self.qmp = None
-        if self.proc is not None:
-            try:
-                self.proc.wait(10 if graceful else 0.1)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_qemu(self.proc, self.qmp, graceful)
+        self.qmp = None
         if self.agent is not None:
             self.agent.close()
             self.agent = None
