@@ -13,7 +13,7 @@ DESTDIR ?=
 
 .PHONY: all setup qemu build guest install demo check check-block \
 	check-migration check-guest check-series check-install check-rbd \
-	patches bench clean
+	patches bench bench-delta clean
 
 # Default: host packages and venv, QEMU source with patches/ applied,
 # the patched build and the test guest.
@@ -81,6 +81,11 @@ patches:
 # side by side, with ratios.
 bench: all
 	$(RUN_PY) scripts/bench.py
+	$(RUN_PY) scripts/bench-delta.py
+
+# Only the incremental backup between two internal snapshots
+bench-delta: build
+	$(RUN_PY) scripts/bench-delta.py
 
 clean:
 	rm -rf qemu/build

@@ -1,5 +1,6 @@
 """Command line: vmsnap drain-snapshot | group create|list|load|delete |
-save-state | load-state | state-size ...  (or python -m vmsnap ...)"""
+save-state | load-state | state-size | export-delta ...
+(or python -m vmsnap ...)"""
 
 import argparse
 import json
@@ -37,9 +38,12 @@ def main(argv=None):
                    choices=['lvm', 'btrfs', 'reflink', 'rbd', 'command'])
     p.add_argument('args', nargs='+', help='arguments of the method')
     _add_group_commands(sub)
+    _add_delta_command(sub)
     opts = parser.parse_args(argv)
     if opts.command == 'group':
         return _group_command(parser, opts)
+    if opts.command == 'export-delta':
+        return _delta_command(parser, opts)
     if opts.command != 'drain-snapshot':
         return _state_command(parser, opts)
 
@@ -59,6 +63,62 @@ def main(argv=None):
         return 0
     print(f'FAILED: {result.error}', file=sys.stderr)
     return 1
+
+
+def _add_delta_command(sub):
+    p = sub.add_parser(
+        'export-delta',
+        help="what changed between two internal snapshots of a disk",
+        description='Back up internal snapshot TO of a running qcow2 disk, '
+        'or only what changed in it since snapshot FROM, as the image\'s '
+        'metadata says.  --output writes a new qcow2 image with QEMU\'s '
+        'backup job (on top of --backing, a copy of FROM: a backup chain '
+        'of ordinary qcow2 images); --nbd exports TO over NBD with the '
+        'changed ranges as the qemu:dirty-bitmap:delta metadata context, '
+        'until interrupted.')
+    p.add_argument('--qmp', required=True, help="QEMU's QMP unix socket")
+    p.add_argument('--node', required=True, help='the qcow2 block node')
+    p.add_argument('--to', required=True, dest='to_snapshot',
+                   help='the internal snapshot to back up (ID or name)')
+    p.add_argument('--from', dest='from_snapshot',
+                   help='the earlier internal snapshot; without it, a '
+                   'full backup')
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument('--output', help='the new qcow2 image to write')
+    where.add_argument('--nbd', metavar='SOCKET',
+                       help='export over NBD on this unix socket')
+    p.add_argument('--backing', help='the previous backup, a copy of '
+                   'FROM: the backing file of --output')
+    p.add_argument('--json', action='store_true',
+                   help='print the result as JSON on the last line')
+
+
+def _delta_command(parser, opts):
+    from .delta import export_delta, result_json
+    from .interrupt import run_interruptible
+
+    if opts.output and opts.from_snapshot and not opts.backing:
+        parser.error('--from with --output needs --backing (the backup of '
+                     'the FROM snapshot)')
+
+    def progress(done, total):
+        if total:
+            print(f'progress: {done} of {total} bytes '
+                  f'({100 * done // total} %)', flush=True)
+
+    result = run_interruptible(export_delta(
+        opts.qmp, opts.node, opts.to_snapshot, opts.from_snapshot,
+        output=opts.output, backing=opts.backing, nbd_socket=opts.nbd,
+        progress=progress, log=lambda msg: print(msg, flush=True)))
+    if result.ok and opts.output:
+        print(f'done: {result.written_bytes} bytes copied, '
+              f'{result.changed_bytes} changed of {result.size}, in '
+              f'{result.total_ms:.0f} ms')
+    if not result.ok:
+        print(f'FAILED: {result.error}', file=sys.stderr)
+    if opts.json:
+        print(result_json(result))
+    return 0 if result.ok else 1
 
 
 def _add_group_commands(sub):
