@@ -15,9 +15,11 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 export PATH=$VMSNAP_CACHE/venv/bin:$PATH
 
 # Upstream tests outside "auto" that touch what the series changes:
-# snapshots, drained sections and jobs, migration and savevm.
+# snapshots, drained sections and jobs, migration and savevm, and the
+# snapshot-access driver (image fleecing).
 UPSTREAM_EXTRA=(041 129 156 185 201 202 208 234 254 260 273 280 286
-  iothreads-commit-active graph-changes-while-io)
+  iothreads-commit-active graph-changes-while-io image-fleecing
+  backup-discard-source)
 
 ours=()
 for t in "$here"/tests/qemu-iotests/tests/*; do
