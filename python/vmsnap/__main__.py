@@ -161,10 +161,20 @@ def _add_group_commands(sub):
                    help='print the result as JSON on the last line')
 
     p = gsub.add_parser(
-        'list', help='the groups QEMU records (internal snapshots)',
+        'list', help='the groups QEMU records (internal snapshots, and '
+        'the VM states given)',
         description='List the groups whose disks have internal snapshots '
-        'named by their tag, with the disk holding the VM state if any.')
+        'named by their tag, with the disk holding the VM state if any; '
+        'and the groups that the VM states given in block nodes or files '
+        'record of themselves: instant, disks and actions, and whether '
+        'the save finished.')
     p.add_argument('--qmp', required=True, help="QEMU's QMP unix socket")
+    p.add_argument('--state-node', action='append', default=[],
+                   metavar='NODE', help='a block node holding a VM state '
+                   '(repeatable)')
+    p.add_argument('--state-file', action='append', default=[],
+                   metavar='FILE', help='a raw image or block device '
+                   'holding a VM state, opened read-only (repeatable)')
     p.add_argument('--json', action='store_true', help='print JSON')
     for name, text in (('load', 'take the guest back to a group, in place '
                         '(disks and VM state, with snapshot-load)'),
@@ -177,6 +187,24 @@ def _add_group_commands(sub):
                        help='print the result as JSON on the last line')
 
 
+def _group_line(g):
+    where = g.state_node or g.state_file
+    if g.instant:
+        state = f'VM state in {where} ({g.state_bytes} bytes reserved)'
+    else:
+        state = (f'VM state {g.state_bytes} bytes in {where}' if where
+                 else 'no VM state')
+    line = f'{g.tag}: disks {", ".join(g.disks) or "none"}; {state}'
+    if g.instant:
+        actions = ', '.join(f"{d['node-name']} {d['action']}"
+                            for d in g.recorded_disks)
+        line += (f'; {g.instant} instant, recorded: {actions}; '
+                 f'{"complete" if g.complete else "INCOMPLETE"}')
+    if g.missing:
+        line += f'; missing internal snapshots on {", ".join(g.missing)}'
+    return line
+
+
 def _group_info_command(opts):
     import asyncio  # pylint: disable=import-outside-toplevel
     from . import group  # pylint: disable=import-outside-toplevel
@@ -186,13 +214,12 @@ def _group_info_command(opts):
 
     try:
         if opts.group_command == 'list':
-            groups = asyncio.run(group.list_groups(opts.qmp))
+            groups = asyncio.run(group.list_groups(
+                opts.qmp, opts.state_node, opts.state_file))
             if opts.json:
                 print(json.dumps([g.__dict__ for g in groups]))
             for g in groups if not opts.json else []:
-                state = (f'VM state {g.state_bytes} bytes in {g.state_node}'
-                         if g.state_node else 'no VM state')
-                print(f'{g.tag}: disks {", ".join(g.disks)}; {state}')
+                print(_group_line(g))
             return 0
         func = {'load': group.load_group,
                 'delete': group.delete_group}[opts.group_command]

@@ -216,11 +216,53 @@ class GroupInfo:
     state_bytes: int
     date: int                       # seconds since the epoch
     vm_clock_ns: int
+    # What the group recorded in the header of its VM state in a block
+    # node (query-vmstate-node), when one was given to look at:
+    state_file: Optional[str] = None
+    instant: Optional[str] = None
+    recorded_disks: List[dict] = field(default_factory=list)
+    complete: Optional[bool] = None     # False: the save did not finish
+    missing: List[str] = field(default_factory=list)
 
 
-async def _groups(qmp) -> List[GroupInfo]:
+async def _recorded(qmp, groups, state_nodes, state_files):
+    """Add what the VM states in @state_nodes and @state_files say of
+    their groups (the files are opened read-only for the look)."""
+    looks = [(node, None) for node in state_nodes]
+    looks += [(f'vmsnap-look-{os.getpid()}-{i}', path)
+              for i, path in enumerate(state_files)]
+    for node, path in looks:
+        if path:
+            await _execute(qmp, 'blockdev-add', dict(
+                _node_options(node, path, 'raw'), **{'read-only': True}))
+        try:
+            info = await _execute(qmp, 'query-vmstate-node',
+                                  {'node-name': node})
+        finally:
+            if path:
+                await _blockdev_del(qmp, node, lambda msg: None)
+        rec = info.get('group')
+        if not rec:
+            continue
+        g = groups.setdefault(rec['tag'], GroupInfo(
+            tag=rec['tag'], disks=[], state_node=None, state_bytes=0,
+            date=rec['date-sec'], vm_clock_ns=0))
+        g.state_node = None if path else node
+        g.state_file = path
+        g.state_bytes = info['size']
+        g.instant = rec['instant']
+        g.recorded_disks = rec['disks']
+        g.complete = info['status'] == 'complete'
+        # An internal snapshot the group took that no disk has now
+        g.missing = [d['node-name'] for d in rec['disks']
+                     if d['action'] == 'internal' and
+                     d['node-name'] not in g.disks]
+
+
+async def _groups(qmp, state_nodes=(), state_files=()) -> List[GroupInfo]:
     """The groups QEMU records: internal snapshots by name, on the
-    writable top nodes (the disks as the guest sees them)."""
+    writable top nodes (the disks as the guest sees them), and what the
+    given VM states in block nodes record of their groups."""
     groups = {}
     for n in await _execute(qmp, 'query-named-block-nodes',
                             {'flat': True}):
@@ -235,14 +277,16 @@ async def _groups(qmp) -> List[GroupInfo]:
             if sn['vm-state-size']:
                 g.state_node = n['node-name']
                 g.state_bytes = sn['vm-state-size']
+    await _recorded(qmp, groups, state_nodes, state_files)
     return sorted(groups.values(), key=lambda g: (g.date, g.tag))
 
 
-async def list_groups(qmp_path: str) -> List[GroupInfo]:
+async def list_groups(qmp_path: str, state_nodes=(),
+                      state_files=()) -> List[GroupInfo]:
     qmp = QMPClient('vmsnap')
     await qmp.connect(qmp_path)
     try:
-        return await _groups(qmp)
+        return await _groups(qmp, state_nodes, state_files)
     finally:
         await qmp.disconnect()
 

@@ -58,6 +58,7 @@ class SnapshotGroupBase(GuestTest):
     # The state node and the restore are the start-instant test's
     guest_mem = GUEST_MEM
     write_interval_ms = None        # the agent's default
+    iothread = False
     add_state_node = StartInstant.add_state_node
     del_node = staticmethod(StartInstant.del_node)
     restore = StartInstant.restore
@@ -245,6 +246,22 @@ class SnapshotGroup(SnapshotGroupBase):
         self.log.info('wrapper: guest paused %.1f ms, disk held %d ms, '
                       '%d bytes of state', result['pause_ms'],
                       result['drain_held_ms'], result['state_bytes'])
+
+        # The state records its group: the list finds out what it took
+        argv = [sys.executable, '-m', 'vmsnap', 'group', 'list', '--qmp',
+                vm.qmp_socks[1], '--state-file', state_file, '--json']
+        out = subprocess.run(argv, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=env,
+                             timeout=60, check=False)
+        self.log.info('vmsnap group list:\n%s', out.stdout)
+        self.assertEqual(out.returncode, 0, out.stdout)
+        listed = json.loads(out.stdout.splitlines()[-1])
+        self.assertEqual(
+            [(g['tag'], g['disks'], g['instant'], g['complete'],
+              [(d['node-name'], d['action']) for d in g['recorded_disks']],
+              g['missing']) for g in listed],
+            [(tag, ['disk0'], 'start', True,
+              [('disk0', 'internal'), ('disk1', 'drain')], [])])
 
         d0 = self.path('wrapped-d0.qcow2')
         subprocess.run([guest.qemu_img(), 'convert', '-U', '-q',
