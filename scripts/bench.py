@@ -27,7 +27,14 @@ times each, alternating:
             mode start into a qcow2 image (vmsnap state.save);
             snapshot-group at the end and at the start instant with the
             disk internal and the state inside it (a live savevm),
-            loaded with loadvm
+            loaded with loadvm; snapshot-group at each instant with the
+            disk internal and the state in a raw block node
+  by hand   the same disk and state at one instant without the group:
+            stop, blockdev-snapshot-internal-sync, migrate with
+            background-snapshot into the node, cont at once; and
+            Proxmox's order: a precopy into the node with
+            pause-before-switchover, the disk snapshot while the guest
+            is stopped in pre-switchover, migrate-continue
   upstream  migrate to file: with background-snapshot; to file: with
             mapped-ram, precopy; to file:, plain stream, precopy (both
             precopies leave the source in postmigrate: the time until
@@ -273,7 +280,17 @@ STATE_METHODS = [
      {'instant': 'end'}),
     ('group-internal-start', 'ours group start, internal state', 'group',
      {'instant': 'start'}),
+    # The disk internal and the state into a raw block node: the same
+    # group done by hand and Proxmox's way, against snapshot-group
+    ('byhand-start', 'by hand: stop, disk, bg, cont', 'byhand', {}),
+    ('group-node-start', 'ours group start, disk+node', 'group-node',
+     {'instant': 'start'}),
+    ('proxmox-end', 'Proxmox-style: end, disk stopped', 'proxmox', {}),
+    ('group-node-end', 'ours group end, disk+node', 'group-node',
+     {'instant': 'end'}),
 ]
+# Kinds whose state is in a block node, loaded with migrate-incoming
+NODE_KINDS = ('node', 'byhand', 'proxmox', 'group-node')
 BASELINE = 'bg-file'    # pause ratios are against this one
 
 
@@ -475,17 +492,8 @@ class StateBench:
                disks=[{'node-name': 'disk0', 'action': 'internal'}],
                vmstate={'target': 'internal', 'node-name': 'disk0'},
                instant=instant)
-        deadline = t0 + 300
-        while True:
-            job = next(j for j in vm.cmd('query-jobs')
-                       if j['id'] == 'bench-group')
-            if job['status'] == 'concluded':
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f'{name}: group not done: {job}')
-            time.sleep(0.01)
+        job = self.wait_job('bench-group', name)
         total_s = time.monotonic() - t0
-        vm.cmd('job-dismiss', id='bench-group')
         if 'error' in job:
             raise RuntimeError(f'{name}: {job["error"]}')
         snaps = vm.cmd('query-block')[0]['inserted']['image'].get(
@@ -497,12 +505,128 @@ class StateBench:
                 'allocated': os.stat(self.image).st_blocks * 512 - before,
                 'load_bytes': size}
 
+    def add_state_node(self, name):
+        """A raw image of query-vmstate-size's size as node @name."""
+        vm = self.vm
+        path = os.path.join(self.tmp, f'{name}.raw')
+        size = vm.cmd('query-vmstate-size')['total']
+        subprocess.run([guest.qemu_img(), 'create', '-q', '-f', 'raw', path,
+                        str(size)], check=True)
+        vm.cmd('blockdev-add', **{'driver': 'raw', 'node-name': name,
+                                  'file': {'driver': 'file',
+                                           'filename': path}})
+        return path
+
+    def del_state_node(self, name):
+        # The save lets the node go in its clean-up, after it reports
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.vm.cmd('blockdev-del', **{'node-name': name})
+                return
+            except QMPError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    @staticmethod
+    def channels(node):
+        return [{'channel-type': 'main',
+                 'addr': {'transport': 'block-node', 'node-name': node}}]
+
+    def node_row(self, name, path, t0):
+        total_s = time.monotonic() - t0
+        info = self.vm.cmd('query-migrate')
+        self.del_state_node(name)
+        return {'path': path, 'fmt': 'raw', 'total_s': total_s,
+                'downtime_ms': info.get('downtime'),
+                'save_ms': info['total-time'],
+                'written': info['ram']['transferred'],
+                'load_bytes': os.stat(path).st_blocks * 512}
+
+    def save_byhand(self, name):
+        """What a tool does by hand for disks and state at one instant:
+        stop, the disk's internal snapshot, a background snapshot into
+        a block node, cont at once (which waits for the capture)."""
+        vm = self.vm
+        path = self.add_state_node(name)
+        self.set_caps(vm, events=True, background_snapshot=True,
+                      mapped_ram=True, pause_before_switchover=False)
+        t0 = time.monotonic()
+        vm.cmd('stop')
+        vm.qmp.cmd('blockdev-snapshot-internal-sync', device='disk0',
+                   name=name)
+        vm.cmd('migrate', channels=self.channels(name))
+        vm.cmd('cont')
+        status = self.wait_migration(vm)
+        if status != 'completed':
+            raise RuntimeError(f'{name}: migration {status}')
+        row = self.node_row(name, path, t0)
+        self.set_caps(vm, background_snapshot=False, mapped_ram=False)
+        return row
+
+    def save_proxmox(self, name):
+        """Proxmox's order: the state saved until the guest stops for the
+        last pass, the disk snapshotted while it is stopped, then on."""
+        vm = self.vm
+        path = self.add_state_node(name)
+        self.set_caps(vm, events=True, background_snapshot=False,
+                      mapped_ram=True, pause_before_switchover=True)
+        vm.cmd('migrate-set-parameters', **{
+            'downtime-limit': self.args.downtime_ms})
+        t0 = time.monotonic()
+        vm.cmd('migrate', channels=self.channels(name))
+        vm.wait_event('MIGRATION', 300, match=lambda d:
+                      d['status'] in ('pre-switchover', 'failed'))
+        vm.qmp.cmd('blockdev-snapshot-internal-sync', device='disk0',
+                   name=name)
+        vm.cmd('migrate-continue', state='pre-switchover')
+        status = self.wait_migration(vm)
+        if status != 'completed':
+            raise RuntimeError(f'{name}: migration {status}')
+        row = self.node_row(name, path, t0)
+        self.set_caps(vm, mapped_ram=False, pause_before_switchover=False)
+        return row
+
+    def save_group_node(self, name, instant):
+        """snapshot-group: the disk internal, the state into a node."""
+        vm = self.vm
+        path = self.add_state_node(name)
+        vm.cmd('migrate-set-parameters', **{
+            'downtime-limit': self.args.downtime_ms})
+        t0 = time.monotonic()
+        vm.cmd('snapshot-group', **{'job-id': 'bench-group'}, tag=name,
+               disks=[{'node-name': 'disk0', 'action': 'internal'}],
+               vmstate={'target': 'block-node', 'node-name': name},
+               instant=instant)
+        job = self.wait_job('bench-group', name)
+        row = self.node_row(name, path, t0)
+        if 'error' in job:
+            raise RuntimeError(f'{name}: {job["error"]}')
+        return row
+
+    def wait_job(self, job_id, name):
+        """Wait for job @job_id to conclude, dismiss it; its last info."""
+        deadline = time.monotonic() + 300
+        while True:
+            job = next(j for j in self.vm.cmd('query-jobs')
+                       if j['id'] == job_id)
+            if job['status'] == 'concluded':
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f'{name}: job not done: {job}')
+            time.sleep(0.01)
+        self.vm.cmd('job-dismiss', id=job_id)
+        return job
+
     def run_saves(self):
         rows = []
         for rnd in range(1, self.args.state_rounds + 1):
             # Every other round in the opposite order: a save does not
             # always follow the same one.
-            methods = STATE_METHODS if rnd % 2 else STATE_METHODS[::-1]
+            methods = [m for m in STATE_METHODS
+                       if m[0] in self.args.state_methods]
+            methods = methods if rnd % 2 else methods[::-1]
             for key, label, kind, opts in methods:
                 rows.append(self.save_one(rnd, key, label, kind, opts))
         return rows
@@ -519,6 +643,12 @@ class StateBench:
             row = self.save_file(name, **opts)
         elif kind == 'group':
             row = self.save_group(name, **opts)
+        elif kind == 'byhand':
+            row = self.save_byhand(name)
+        elif kind == 'proxmox':
+            row = self.save_proxmox(name)
+        elif kind == 'group-node':
+            row = self.save_group_node(name, **opts)
         else:
             row = self.save_savevm(name)
         st = self.vm.cmd('query-status')
@@ -564,9 +694,9 @@ class StateBench:
                     raise RuntimeError(f'loadvm: {out.strip()}')
                 return ms
             self.set_caps(vm, events=True,
-                          mapped_ram=row['kind'] == 'node' or
+                          mapped_ram=row['kind'] in NODE_KINDS or
                           row.get('mapped_ram', False))
-            if row['kind'] == 'node':
+            if row['kind'] in NODE_KINDS:
                 vm.cmd('blockdev-add', **{
                     'driver': row['fmt'], 'node-name': 'vmstate0',
                     'read-only': True,
@@ -616,6 +746,8 @@ def summarize_state(rows, bench):
     out = []
     for key, label, _, _ in STATE_METHODS:
         rs = [r for r in rows if r['key'] == key]
+        if not rs:
+            continue
         m = {'key': key, 'label': label, 'rounds': len(rs),
              'pause_all_ms': [r['pause_ms'] for r in rs]}
         for k in ('pause_ms', 'total_s', 'written_per_ram',
@@ -829,6 +961,10 @@ def main():
                     'part (default 32)')
     ap.add_argument('--state-rounds', type=int, default=5,
                     help='saves of each kind (default 5)')
+    ap.add_argument('--state-methods', default=','.join(
+                        m[0] for m in STATE_METHODS),
+                    help='the saves to run, comma separated (default all; '
+                    f'{BASELINE} is always run)')
     ap.add_argument('--downtime-ms', type=int, default=20,
                     help='downtime-limit of every precopy save (default 20)')
     ap.add_argument('--skip-drain', action='store_true',
@@ -846,6 +982,10 @@ def main():
     ap.add_argument('--keep', action='store_true',
                     help='keep the temporary directory')
     args = ap.parse_args()
+    args.state_methods = set(args.state_methods.split(',')) | {BASELINE}
+    unknown = args.state_methods - {m[0] for m in STATE_METHODS}
+    if unknown:
+        ap.error(f'unknown --state-methods: {", ".join(sorted(unknown))}')
 
     tmp = tempfile.mkdtemp(prefix='vmsnap-bench-')
     results = {}
