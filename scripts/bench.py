@@ -544,6 +544,18 @@ class StateBench:
                 'written': info['ram']['transferred'],
                 'load_bytes': os.stat(path).st_blocks * 512}
 
+    def snapshot_disk(self, name):
+        # VM.cmd() takes the command as 'name'
+        self.vm.qmp.cmd('blockdev-snapshot-internal-sync', device='disk0',
+                        name=name)
+
+    def finish_node_save(self, name, path, t0):
+        """Wait for the save into node @name to complete; its row."""
+        status = self.wait_migration(self.vm)
+        if status != 'completed':
+            raise RuntimeError(f'{name}: migration {status}')
+        return self.node_row(name, path, t0)
+
     def save_byhand(self, name):
         """What a tool does by hand for disks and state at one instant:
         stop, the disk's internal snapshot, a background snapshot into
@@ -554,14 +566,10 @@ class StateBench:
                       mapped_ram=True, pause_before_switchover=False)
         t0 = time.monotonic()
         vm.cmd('stop')
-        vm.qmp.cmd('blockdev-snapshot-internal-sync', device='disk0',
-                   name=name)
+        self.snapshot_disk(name)
         vm.cmd('migrate', channels=self.channels(name))
         vm.cmd('cont')
-        status = self.wait_migration(vm)
-        if status != 'completed':
-            raise RuntimeError(f'{name}: migration {status}')
-        row = self.node_row(name, path, t0)
+        row = self.finish_node_save(name, path, t0)
         self.set_caps(vm, background_snapshot=False, mapped_ram=False)
         return row
 
@@ -576,15 +584,13 @@ class StateBench:
             'downtime-limit': self.args.downtime_ms})
         t0 = time.monotonic()
         vm.cmd('migrate', channels=self.channels(name))
-        vm.wait_event('MIGRATION', 300, match=lambda d:
-                      d['status'] in ('pre-switchover', 'failed'))
-        vm.qmp.cmd('blockdev-snapshot-internal-sync', device='disk0',
-                   name=name)
+        ev = vm.wait_event('MIGRATION', 300, match=lambda d:
+                           d['status'] in ('pre-switchover', 'failed'))
+        if ev['data']['status'] == 'failed':
+            raise RuntimeError(f'{name}: migration failed')
+        self.snapshot_disk(name)
         vm.cmd('migrate-continue', state='pre-switchover')
-        status = self.wait_migration(vm)
-        if status != 'completed':
-            raise RuntimeError(f'{name}: migration {status}')
-        row = self.node_row(name, path, t0)
+        row = self.finish_node_save(name, path, t0)
         self.set_caps(vm, mapped_ram=False, pause_before_switchover=False)
         return row
 
