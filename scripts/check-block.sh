@@ -64,4 +64,12 @@ for fmt in qcow2 raw; do
                  fmt, n["pass"], n["fail"], n["notrun"] }'
   grep -h '^Not run:\|^Failures:' "$log/$fmt" | sed "s/^/  -$fmt /" || true
 done
+# The diffs of the failures again, last, where a log's tail shows them
+for fmt in qcow2 raw; do
+  tr '\r' '\n' < "$log/$fmt" | awk -v fmt=$fmt '
+    $2 == "..." { show = 0 }
+    $2 == "fail" && $1 !~ /^(Not|Some|Failures|Passed)/ {
+      show = 1; lines = 0; print "  -" fmt " " $0; next }
+    show && lines++ < 80 { print "    " $0 }'
+done
 exit $status
