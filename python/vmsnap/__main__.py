@@ -178,11 +178,21 @@ def _add_group_commands(sub):
     p.add_argument('--json', action='store_true', help='print JSON')
     for name, text in (('load', 'take the guest back to a group, in place '
                         '(disks and VM state, with snapshot-load)'),
-                       ('delete', "delete a group's internal snapshots and "
-                        'their VM state (snapshot-delete)')):
+                       ('delete', "delete a group: its VM state in a block "
+                        'node (discard-vmstate-node), its internal '
+                        'snapshots with their VM state (snapshot-delete), '
+                        'and its external overlays, merged back into the '
+                        'disks under them (block-commit)')):
         p = gsub.add_parser(name, help=text, description=text)
         p.add_argument('--qmp', required=True, help="QEMU's QMP unix socket")
         p.add_argument('--tag', required=True, help='the group')
+        if name == 'delete':
+            p.add_argument('--state-node', action='append', default=[],
+                           metavar='NODE', help='a block node that may '
+                           'hold the group\'s VM state (repeatable)')
+            p.add_argument('--state-file', action='append', default=[],
+                           metavar='FILE', help='a raw image or block '
+                           'device that may hold it (repeatable)')
         p.add_argument('--json', action='store_true',
                        help='print the result as JSON on the last line')
 
@@ -221,9 +231,12 @@ def _group_info_command(opts):
             for g in groups if not opts.json else []:
                 print(_group_line(g))
             return 0
-        func = {'load': group.load_group,
-                'delete': group.delete_group}[opts.group_command]
-        info = group.run_interruptible(func(opts.qmp, opts.tag, log=log))
+        if opts.group_command == 'load':
+            call = group.load_group(opts.qmp, opts.tag, log=log)
+        else:
+            call = group.delete_group(opts.qmp, opts.tag, opts.state_node,
+                                      opts.state_file, log=log)
+        info = group.run_interruptible(call)
     except Exception as err:        # pylint: disable=broad-except
         if getattr(opts, 'json', False):
             print(json.dumps({'ok': False, 'error': str(err)}))

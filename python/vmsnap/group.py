@@ -11,8 +11,10 @@ drain or loadable state of it behind, and the guest keeps running.
 
 list, load and delete work on what QEMU records of a group: the internal
 snapshots named by its tag, one of them with the VM state when the state
-went into an internal snapshot (a live savevm).  They use QEMU's
-snapshot-load and snapshot-delete jobs.
+went into an internal snapshot (a live savevm), and the record a group
+writes into the header of its VM state in a block node.  They use QEMU's
+snapshot-load, snapshot-delete and block-commit jobs and
+discard-vmstate-node.
 """
 
 import asyncio
@@ -22,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
-from qemu.qmp import EventListener, QMPClient
+from qemu.qmp import EventListener, ExecuteError, QMPClient
 
 from .interrupt import run_interruptible
 from .state import (_blockdev_del, _create_image, _error_text, _execute,
@@ -238,6 +240,11 @@ async def _recorded(qmp, groups, state_nodes, state_files):
         try:
             info = await _execute(qmp, 'query-vmstate-node',
                                   {'node-name': node})
+        except ExecuteError as err:
+            # A state deleted, or never written: no group there
+            if 'holds no VM state' not in str(err):
+                raise
+            continue
         finally:
             if path:
                 await _blockdev_del(qmp, node, lambda msg: None)
@@ -291,11 +298,13 @@ async def list_groups(qmp_path: str, state_nodes=(),
         await qmp.disconnect()
 
 
-async def _find(qmp, tag) -> GroupInfo:
-    group = next((g for g in await _groups(qmp) if g.tag == tag), None)
+async def _find(qmp, tag, state_nodes=(), state_files=()) -> GroupInfo:
+    group = next((g for g in await _groups(qmp, state_nodes, state_files)
+                  if g.tag == tag), None)
     if group is None:
         raise RuntimeError(f'no group {tag!r}: no disk has an internal '
-                           f'snapshot of that name')
+                           f'snapshot of that name, and no VM state given '
+                           f'records it')
     return group
 
 
@@ -329,17 +338,87 @@ async def load_group(qmp_path: str, tag: str,
         await qmp.disconnect()
 
 
-async def delete_group(qmp_path: str, tag: str,
+async def _discard_state(qmp, group, log):
+    """Delete the group's VM state in a block node (a file: opened for
+    the deletion only), so that it never loads again."""
+    node = group.state_node
+    if group.state_file:
+        node = f'vmsnap-discard-{os.getpid()}'
+        await _execute(qmp, 'blockdev-add', dict(
+            _node_options(node, group.state_file, 'raw'), discard='unmap'))
+    try:
+        await _execute(qmp, 'discard-vmstate-node', {'node-name': node})
+    finally:
+        if group.state_file:
+            await _blockdev_del(qmp, node, lambda msg: None)
+    log(f'VM state in {group.state_file or node} deleted')
+
+
+async def _commit(qmp, overlay, base, log):
+    """Merge @overlay back into @base, the disk under it (block-commit;
+    an active commit is completed once it is ready)."""
+    job_id = f'vmsnap-commit-{os.getpid()}'
+    roots = [d['inserted']['node-name']
+             for d in await _execute(qmp, 'query-block') if 'inserted' in d]
+    for root in roots:
+        try:
+            await _execute(qmp, 'block-commit', {
+                'job-id': job_id, 'device': root, 'top-node': overlay,
+                'base-node': base, 'auto-dismiss': False})
+            break
+        except ExecuteError as err:
+            if 'is not in this backing file chain' not in str(err):
+                raise
+    else:
+        raise RuntimeError(f'no disk has the overlay {overlay!r} in its '
+                           f'backing chain')
+    log(f'merging overlay {overlay!r} back into {base!r} (block-commit)')
+    while True:
+        job = next(j for j in await _execute(qmp, 'query-jobs')
+                   if j['id'] == job_id)
+        if job['status'] == 'ready':
+            await _execute(qmp, 'job-complete', {'id': job_id})
+        elif job['status'] == 'concluded':
+            break
+        await asyncio.sleep(POLL_S)
+    await _execute(qmp, 'job-dismiss', {'id': job_id})
+    if 'error' in job:
+        raise RuntimeError(f'block-commit of {overlay!r}: {job["error"]}')
+    # The overlay's node was added for the group; it holds nothing now
+    try:
+        await _execute(qmp, 'blockdev-del', {'node-name': overlay})
+    except ExecuteError:
+        pass
+
+
+async def delete_group(qmp_path: str, tag: str, state_nodes=(),
+                       state_files=(),
                        log: Callable[[str], None] = print) -> GroupInfo:
-    """Delete group @tag's internal snapshots, its VM state with them."""
+    """Delete group @tag: first its VM state in a block node, when one
+    of @state_nodes or @state_files records the group, so that no part
+    of a half-deleted group loads; then its internal snapshots, their VM
+    state with them (snapshot-delete); then its external overlays, each
+    merged back into the disk under it, so that the backing chain does
+    not grow with every group.  What drained disks' storage snapshots
+    hold is the storage's to delete."""
     qmp = QMPClient('vmsnap')
     await qmp.connect(qmp_path)
     try:
-        group = await _find(qmp, tag)
-        log(f'deleting group {tag!r} from {", ".join(group.disks)}')
-        await _run_job(qmp, f'vmsnap-delete-{os.getpid()}',
-                       'snapshot-delete',
-                       {'tag': tag, 'devices': group.disks})
+        group = await _find(qmp, tag, state_nodes, state_files)
+        if group.instant:
+            await _discard_state(qmp, group, log)
+        if group.disks:
+            log(f'deleting the internal snapshots {tag!r} of '
+                f'{", ".join(group.disks)}')
+            await _run_job(qmp, f'vmsnap-delete-{os.getpid()}',
+                           'snapshot-delete',
+                           {'tag': tag, 'devices': group.disks})
+        for d in group.recorded_disks:
+            if d['action'] == 'external':
+                await _commit(qmp, d['overlay'], d['node-name'], log)
+            elif d['action'] == 'drain':
+                log(f"{d['node-name']} was drained: its storage snapshot "
+                    f"is deleted with the storage's own tools")
         return group
     finally:
         await qmp.disconnect()

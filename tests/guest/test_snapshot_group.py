@@ -152,6 +152,20 @@ class SnapshotGroupBase(GuestTest):
                       job['current-progress'])
         return [d0, copy_d1], state_file, lc
 
+    def wrapper(self, vm, *args):
+        """vmsnap group ARGS --json on the second QMP monitor: its JSON."""
+        argv = [sys.executable, '-m', 'vmsnap', 'group', *args,
+                '--qmp', vm.qmp_socks[1], '--json']
+        env = dict(os.environ, PYTHONPATH=str(guest.REPO / 'python'))
+        out = subprocess.run(argv, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=env,
+                             timeout=SAVE_TIMEOUT, check=False)
+        self.log.info('vmsnap group %s:\n%s', ' '.join(args), out.stdout)
+        lines = [line for line in out.stdout.splitlines()
+                 if line.startswith(('{', '['))]
+        self.assertTrue(lines, out.stdout)
+        return out.returncode, json.loads(lines[-1])
+
     def check_restore(self, name, disks, state_file):
         restored, loaded = self.restore(name, disks, state_file)
         self.assertEqual(loaded, 'running')
@@ -277,6 +291,62 @@ class SnapshotGroup(SnapshotGroupBase):
             os.unlink(f)
 
 
+    @staticmethod
+    def roots(vm):
+        return sorted(d['inserted']['node-name']
+                      for d in vm.cmd('query-block') if 'inserted' in d)
+
+    def test_wrapper_delete_internal_and_external(self):
+        """vmsnap group delete of a group with an internal disk, an
+        external one and its state in a file: the state no longer loads,
+        the snapshot is gone, the overlay is merged back while the guest
+        writes, and the guest's own check passes afterwards."""
+        vm = self.boot_writer(n_qmp=2)
+        tag = 'deleted'
+        state_file = self.path('deleted-state.raw')
+        overlay = self.path('d1-overlay.qcow2')
+        subprocess.run([guest.qemu_img(), 'create', '-q', '-f', 'qcow2',
+                        overlay, '8M'], check=True)
+        vm.cmd('blockdev-add', driver='qcow2', **{'node-name': 'overlay1'},
+               backing=None, file={'driver': 'file', 'filename': overlay})
+        _, _, lc = vm.mark('delete-before')
+        rc, created = self.wrapper(vm, 'create', '--tag', tag,
+                                   '--disk', 'disk0=internal',
+                                   '--disk', 'disk1=external:overlay1',
+                                   '--state-file', state_file)
+        self.assertEqual((rc, created['ok']), (0, True), created)
+        self.assertEqual(self.roots(vm), ['disk0', 'overlay1'])
+        vm.wait_records(lc + 20, timeout=60)
+        used = os.stat(state_file).st_blocks
+
+        rc, deleted = self.wrapper(vm, 'delete', '--tag', tag,
+                                   '--state-file', state_file)
+        self.assertEqual((rc, deleted['ok']), (0, True), deleted)
+        self.assertEqual(
+            [(d['node-name'], d['action']) for d in
+             deleted['recorded_disks']],
+            [('disk0', 'internal'), ('disk1', 'external')])
+        # Nothing of the group is left, and the chain is as before it
+        self.assertEqual(self.wrapper(vm, 'list', '--state-file',
+                                      state_file), (0, []))
+        nodes = {n['node-name']: n for n in
+                 vm.cmd('query-named-block-nodes', flat=True)}
+        self.assertEqual(nodes['disk0']['image'].get('snapshots', []), [])
+        self.assertNotIn('overlay1', nodes)
+        self.assertEqual(self.roots(vm), ['disk0', 'disk1'])
+        self.assertLess(os.stat(state_file).st_blocks, used // 2,
+                        'the state\'s space was not freed')
+        self.assertEqual(vm.cmd('query-status')['status'], 'running')
+        # The guest wrote through the merge; its data is whole
+        _, _, after = vm.mark('delete-after')
+        vm.wait_records(after + 20, timeout=60)
+        self.assert_live_check(vm)
+        self.assert_no_agent_errors(vm)
+        vm.shutdown()
+        for f in (overlay, state_file):
+            os.unlink(f)
+
+
 class LiveInternalSnapshot(SnapshotGroupBase):
     """The proposal's case 4: every disk internal, the state inside too.
 
@@ -377,20 +447,6 @@ class LiveInternalSnapshot(SnapshotGroupBase):
         self.assertEqual(left, [])
         fresh.shutdown()
         self.check_images()
-
-    def wrapper(self, vm, *args):
-        """vmsnap group ARGS --json on the second QMP monitor: its JSON."""
-        argv = [sys.executable, '-m', 'vmsnap', 'group', *args,
-                '--qmp', vm.qmp_socks[1], '--json']
-        env = dict(os.environ, PYTHONPATH=str(guest.REPO / 'python'))
-        out = subprocess.run(argv, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, env=env,
-                             timeout=SAVE_TIMEOUT, check=False)
-        self.log.info('vmsnap group %s:\n%s', ' '.join(args), out.stdout)
-        lines = [line for line in out.stdout.splitlines()
-                 if line.startswith(('{', '['))]
-        self.assertTrue(lines, out.stdout)
-        return out.returncode, json.loads(lines[-1])
 
     def test_wrapper_live_internal(self):
         """vmsnap group create, list, load and delete of a live savevm,
