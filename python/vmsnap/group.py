@@ -354,30 +354,46 @@ async def _discard_state(qmp, group, log):
     log(f'VM state in {group.state_file or node} deleted')
 
 
-async def _commit(qmp, overlay, base, log):
-    """Merge @overlay back into @base, the disk under it (block-commit;
+async def _overlays(qmp, group):
+    """For each external overlay the group put on: (overlay, the node
+    under it now, the root node of its chain, for block-commit)."""
+    nodes = {n['node-name']: n for n in
+             await _execute(qmp, 'query-named-block-nodes', {'flat': True})}
+    parent = {c['node-name']: name for name, n in nodes.items()
+              for c in n.get('children', [])}
+    found = []
+    for d in group.recorded_disks:
+        if d['action'] != 'external':
+            continue
+        overlay = nodes.get(d['overlay'])
+        base = next((c['node-name'] for c in (overlay or {}).get(
+            'children', []) if c['child'] == 'backing'), None)
+        if base is None:
+            raise RuntimeError(f"the group's overlay {d['overlay']!r} "
+                               f"of {d['node-name']!r} is not a node with "
+                               f"a backing node here")
+        root = d['overlay']
+        while root in parent:
+            root = parent[root]
+        found.append((d['overlay'], base, root))
+    return found
+
+
+async def _commit(qmp, overlay, base, root, log):
+    """Merge @overlay back into @base, the node under it (block-commit;
     an active commit is completed once it is ready)."""
     job_id = f'vmsnap-commit-{os.getpid()}'
-    roots = [d['inserted']['node-name']
-             for d in await _execute(qmp, 'query-block') if 'inserted' in d]
-    for root in roots:
-        try:
-            await _execute(qmp, 'block-commit', {
-                'job-id': job_id, 'device': root, 'top-node': overlay,
-                'base-node': base, 'auto-dismiss': False})
-            break
-        except ExecuteError as err:
-            if 'is not in this backing file chain' not in str(err):
-                raise
-    else:
-        raise RuntimeError(f'no disk has the overlay {overlay!r} in its '
-                           f'backing chain')
     log(f'merging overlay {overlay!r} back into {base!r} (block-commit)')
+    await _execute(qmp, 'block-commit', {
+        'job-id': job_id, 'device': root, 'top-node': overlay,
+        'base-node': base, 'auto-dismiss': False})
+    completed = False
     while True:
         job = next(j for j in await _execute(qmp, 'query-jobs')
                    if j['id'] == job_id)
-        if job['status'] == 'ready':
+        if job['status'] == 'ready' and not completed:
             await _execute(qmp, 'job-complete', {'id': job_id})
+            completed = True
         elif job['status'] == 'concluded':
             break
         await asyncio.sleep(POLL_S)
@@ -398,25 +414,42 @@ async def delete_group(qmp_path: str, tag: str, state_nodes=(),
     of @state_nodes or @state_files records the group, so that no part
     of a half-deleted group loads; then its internal snapshots, their VM
     state with them (snapshot-delete); then its external overlays, each
-    merged back into the disk under it, so that the backing chain does
-    not grow with every group.  What drained disks' storage snapshots
-    hold is the storage's to delete."""
+    merged back into the node under it, so that the backing chain does
+    not grow with every group.  Every overlay is found before anything
+    is deleted; a step that fails after the state is gone names what is
+    left.  What drained disks' storage snapshots hold is the storage's
+    to delete."""
     qmp = QMPClient('vmsnap')
     await qmp.connect(qmp_path)
     try:
         group = await _find(qmp, tag, state_nodes, state_files)
+        overlays = await _overlays(qmp, group)
+        if group.missing:
+            log(f'warning: no internal snapshot {tag!r} on '
+                f'{", ".join(group.missing)} any more')
         if group.instant:
             await _discard_state(qmp, group, log)
-        if group.disks:
-            log(f'deleting the internal snapshots {tag!r} of '
-                f'{", ".join(group.disks)}')
-            await _run_job(qmp, f'vmsnap-delete-{os.getpid()}',
-                           'snapshot-delete',
-                           {'tag': tag, 'devices': group.disks})
+        left = ([f'internal snapshots on {", ".join(group.disks)}']
+                if group.disks else [])
+        left += [f'overlay {o}' for o, _, _ in overlays]
+        try:
+            if group.disks:
+                log(f'deleting the internal snapshots {tag!r} of '
+                    f'{", ".join(group.disks)}')
+                await _run_job(qmp, f'vmsnap-delete-{os.getpid()}',
+                               'snapshot-delete',
+                               {'tag': tag, 'devices': group.disks})
+                left.pop(0)
+            for overlay, base, root in overlays:
+                await _commit(qmp, overlay, base, root, log)
+                left.pop(0)
+        except Exception as err:
+            what = ('; its VM state is deleted already' if group.instant
+                    else '')
+            raise RuntimeError(f'{err}; left of group {tag!r}: '
+                               f'{", ".join(left)}{what}') from err
         for d in group.recorded_disks:
-            if d['action'] == 'external':
-                await _commit(qmp, d['overlay'], d['node-name'], log)
-            elif d['action'] == 'drain':
+            if d['action'] == 'drain':
                 log(f"{d['node-name']} was drained: its storage snapshot "
                     f"is deleted with the storage's own tools")
         return group

@@ -296,54 +296,83 @@ class SnapshotGroup(SnapshotGroupBase):
         return sorted(d['inserted']['node-name']
                       for d in vm.cmd('query-block') if 'inserted' in d)
 
-    def test_wrapper_delete_internal_and_external(self):
-        """vmsnap group delete of a group with an internal disk, an
-        external one and its state in a file: the state no longer loads,
-        the snapshot is gone, the overlay is merged back while the guest
-        writes, and the guest's own check passes afterwards."""
-        vm = self.boot_writer(n_qmp=2)
-        tag = 'deleted'
-        state_file = self.path('deleted-state.raw')
-        overlay = self.path('d1-overlay.qcow2')
+    def add_overlay(self, vm, name):
+        path = self.path(f'{name}.qcow2')
         subprocess.run([guest.qemu_img(), 'create', '-q', '-f', 'qcow2',
-                        overlay, '8M'], check=True)
-        vm.cmd('blockdev-add', driver='qcow2', **{'node-name': 'overlay1'},
-               backing=None, file={'driver': 'file', 'filename': overlay})
-        _, _, lc = vm.mark('delete-before')
-        rc, created = self.wrapper(vm, 'create', '--tag', tag,
-                                   '--disk', 'disk0=internal',
-                                   '--disk', 'disk1=external:overlay1',
-                                   '--state-file', state_file)
-        self.assertEqual((rc, created['ok']), (0, True), created)
-        self.assertEqual(self.roots(vm), ['disk0', 'overlay1'])
-        vm.wait_records(lc + 20, timeout=60)
-        used = os.stat(state_file).st_blocks
+                        path, '8M'], check=True)
+        vm.cmd('blockdev-add', driver='qcow2', **{'node-name': name},
+               backing=None, file={'driver': 'file', 'filename': path})
+        return path
 
-        rc, deleted = self.wrapper(vm, 'delete', '--tag', tag,
-                                   '--state-file', state_file)
+    @staticmethod
+    def backing(vm, node):
+        for n in vm.cmd('query-named-block-nodes', flat=True):
+            if n['node-name'] == node:
+                return next((c['node-name'] for c in n.get('children', [])
+                             if c['child'] == 'backing'), None)
+        return None
+
+    def test_wrapper_delete_internal_and_external(self):
+        """vmsnap group delete of two groups with their states in files:
+        group a took disk0 internal and put overlay ov-a on disk1, group
+        b then put ov-b on ov-a.  Deleting a merges ov-a, now under ov-b,
+        into disk1; deleting b merges ov-b, the active layer, into what
+        is under it now (disk1, not the ov-a it recorded).  Each
+        state no longer loads, the snapshot is gone, and the guest, which
+        writes throughout, passes its own check afterwards."""
+        vm = self.boot_writer(n_qmp=2)
+        files = []
+        for tag, disks in (('a', ['disk0=internal', 'disk1=external:ov-a']),
+                           ('b', ['ov-a=external:ov-b'])):
+            files.append(self.add_overlay(vm, f'ov-{tag}'))
+            state_file = self.path(f'{tag}-state.raw')
+            files.append(state_file)
+            args = ['create', '--tag', tag, '--state-file', state_file]
+            for d in disks:
+                args += ['--disk', d]
+            rc, created = self.wrapper(vm, *args)
+            self.assertEqual((rc, created['ok']), (0, True), created)
+            _, _, lc = vm.mark(f'{tag}-taken')
+            vm.wait_records(lc + 10, timeout=60)
+        self.assertEqual(self.roots(vm), ['disk0', 'ov-b'])
+        self.assertEqual(self.backing(vm, 'ov-b'), 'ov-a')
+        used = os.stat(files[1]).st_blocks
+
+        rc, deleted = self.wrapper(vm, 'delete', '--tag', 'a',
+                                   '--state-file', files[1])
         self.assertEqual((rc, deleted['ok']), (0, True), deleted)
         self.assertEqual(
             [(d['node-name'], d['action']) for d in
              deleted['recorded_disks']],
             [('disk0', 'internal'), ('disk1', 'external')])
-        # Nothing of the group is left, and the chain is as before it
+        # ov-a is merged away under ov-b; nothing of a is left
+        self.assertEqual(self.roots(vm), ['disk0', 'ov-b'])
+        self.assertEqual(self.backing(vm, 'ov-b'), 'disk1')
         self.assertEqual(self.wrapper(vm, 'list', '--state-file',
-                                      state_file), (0, []))
-        nodes = {n['node-name']: n for n in
-                 vm.cmd('query-named-block-nodes', flat=True)}
-        self.assertEqual(nodes['disk0']['image'].get('snapshots', []), [])
-        self.assertNotIn('overlay1', nodes)
-        self.assertEqual(self.roots(vm), ['disk0', 'disk1'])
-        self.assertLess(os.stat(state_file).st_blocks, used // 2,
+                                      files[1]), (0, []))
+        nodes = [n['node-name'] for n in
+                 vm.cmd('query-named-block-nodes', flat=True)]
+        self.assertNotIn('ov-a', nodes)
+        snaps = [sn['name'] for n in vm.cmd('query-named-block-nodes')
+                 for sn in n['image'].get('snapshots', [])]
+        self.assertEqual(snaps, [])
+        self.assertLess(os.stat(files[1]).st_blocks, used // 2,
                         'the state\'s space was not freed')
+
+        # b's overlay is the guest's active layer: merged while it writes
+        rc, deleted = self.wrapper(vm, 'delete', '--tag', 'b',
+                                   '--state-file', files[3])
+        self.assertEqual((rc, deleted['ok']), (0, True), deleted)
+        self.assertEqual(self.roots(vm), ['disk0', 'disk1'])
+        self.assertEqual(self.wrapper(vm, 'list', '--state-file', files[1],
+                                      '--state-file', files[3]), (0, []))
         self.assertEqual(vm.cmd('query-status')['status'], 'running')
-        # The guest wrote through the merge; its data is whole
-        _, _, after = vm.mark('delete-after')
+        _, _, after = vm.mark('deleted')
         vm.wait_records(after + 20, timeout=60)
         self.assert_live_check(vm)
         self.assert_no_agent_errors(vm)
         vm.shutdown()
-        for f in (overlay, state_file):
+        for f in files:
             os.unlink(f)
 
 
