@@ -169,12 +169,7 @@ def _add_group_commands(sub):
         'record of themselves: instant, disks and actions, and whether '
         'the save finished.')
     p.add_argument('--qmp', required=True, help="QEMU's QMP unix socket")
-    p.add_argument('--state-node', action='append', default=[],
-                   metavar='NODE', help='a block node holding a VM state '
-                   '(repeatable)')
-    p.add_argument('--state-file', action='append', default=[],
-                   metavar='FILE', help='a raw image or block device '
-                   'holding a VM state, opened read-only (repeatable)')
+    _state_arguments(p, 'holding a VM state', 'opened read-only')
     p.add_argument('--json', action='store_true', help='print JSON')
     for name, text in (('load', 'take the guest back to a group, in place '
                         '(disks and VM state, with snapshot-load)'),
@@ -187,14 +182,21 @@ def _add_group_commands(sub):
         p.add_argument('--qmp', required=True, help="QEMU's QMP unix socket")
         p.add_argument('--tag', required=True, help='the group')
         if name == 'delete':
-            p.add_argument('--state-node', action='append', default=[],
-                           metavar='NODE', help='a block node that may '
-                           'hold the group\'s VM state (repeatable)')
-            p.add_argument('--state-file', action='append', default=[],
-                           metavar='FILE', help='a raw image or block '
-                           'device that may hold it (repeatable)')
+            _state_arguments(p, "that may hold the group's VM state",
+                             'opened for the deletion')
         p.add_argument('--json', action='store_true',
                        help='print the result as JSON on the last line')
+
+
+def _state_arguments(p, holding, opened):
+    """--state-node and --state-file, repeatable: VM states in block
+    nodes that record their groups."""
+    p.add_argument('--state-node', action='append', default=[],
+                   metavar='NODE', help=f'a block node {holding} '
+                   '(repeatable)')
+    p.add_argument('--state-file', action='append', default=[],
+                   metavar='FILE', help=f'a raw image or block device '
+                   f'{holding}, {opened} (repeatable)')
 
 
 def _group_line(g):
