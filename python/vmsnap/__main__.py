@@ -171,8 +171,12 @@ def _add_group_commands(sub):
     p.add_argument('--qmp', required=True, help="QEMU's QMP unix socket")
     _state_arguments(p, 'holding a VM state', 'opened read-only')
     p.add_argument('--json', action='store_true', help='print JSON')
-    for name, text in (('load', 'take the guest back to a group, in place '
-                        '(disks and VM state, with snapshot-load)'),
+    for name, text in (('load', 'take the guest back to a group: in a '
+                        'running QEMU, in place (internal disks and VM '
+                        'state, with snapshot-load); in a QEMU started '
+                        'with -incoming defer on the group\'s images, '
+                        'from its VM state in a block node, the internal '
+                        'disks reverted first (qemu-img snapshot -a)'),
                        ('delete', "delete a group: its VM state in a block "
                         'node (discard-vmstate-node), its internal '
                         'snapshots with their VM state (snapshot-delete), '
@@ -181,9 +185,8 @@ def _add_group_commands(sub):
         p = gsub.add_parser(name, help=text, description=text)
         p.add_argument('--qmp', required=True, help="QEMU's QMP unix socket")
         p.add_argument('--tag', required=True, help='the group')
-        if name == 'delete':
-            _state_arguments(p, "that may hold the group's VM state",
-                             'opened for the deletion')
+        _state_arguments(p, "that may hold the group's VM state",
+                         f'opened for the {name}')
         p.add_argument('--json', action='store_true',
                        help='print the result as JSON on the last line')
 
@@ -234,7 +237,8 @@ def _group_info_command(opts):
                 print(_group_line(g))
             return 0
         if opts.group_command == 'load':
-            call = group.load_group(opts.qmp, opts.tag, log=log)
+            call = group.load_group(opts.qmp, opts.tag, opts.state_node,
+                                    opts.state_file, log=log)
         else:
             call = group.delete_group(opts.qmp, opts.tag, opts.state_node,
                                       opts.state_file, log=log)
@@ -246,7 +250,12 @@ def _group_info_command(opts):
         return 1
     if opts.json:
         print(json.dumps(dict(info.__dict__, ok=True)))
-    done = {'load': 'loaded', 'delete': 'deleted'}[opts.group_command]
+    done = 'deleted'
+    if opts.group_command == 'load':
+        done = f'loaded ({info.loaded}'
+        if info.reverted:
+            done += f', {", ".join(info.reverted)} reverted first'
+        done += f'; guest {info.vm_status})' if info.vm_status else ')'
     print(f'done: group {opts.tag!r} {done}')
     return 0
 

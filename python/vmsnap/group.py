@@ -14,7 +14,9 @@ snapshots named by its tag, one of them with the VM state when the state
 went into an internal snapshot (a live savevm), and the record a group
 writes into the header of its VM state in a block node.  They use QEMU's
 snapshot-load, snapshot-delete and block-commit jobs and
-discard-vmstate-node.
+discard-vmstate-node; a group with its VM state in a block node loads
+into a fresh QEMU started with -incoming defer (migrate-incoming), its
+internal disks reverted first with qemu-img.
 """
 
 import asyncio
@@ -225,6 +227,10 @@ class GroupInfo:
     recorded_disks: List[dict] = field(default_factory=list)
     complete: Optional[bool] = None     # False: the save did not finish
     missing: List[str] = field(default_factory=list)
+    # After load: how, the disks reverted first, the guest's run state
+    loaded: Optional[str] = None
+    reverted: List[str] = field(default_factory=list)
+    vm_status: Optional[str] = None
 
 
 async def _recorded(qmp, groups, state_nodes, state_files):
@@ -315,27 +321,145 @@ async def _run_job(qmp, job_id, command, args):
         raise RuntimeError(job['error'])
 
 
-async def load_group(qmp_path: str, tag: str,
+async def load_group(qmp_path: str, tag: str, state_nodes=(),
+                     state_files=(),
                      log: Callable[[str], None] = print) -> GroupInfo:
-    """Take the guest back to group @tag in place: its disks and VM state,
-    with snapshot-load.  A group without a VM state is refused (revert
-    its disks offline, or boot from them)."""
+    """Take the guest back to group @tag.
+
+    In a running QEMU, in place, with snapshot-load: the group's disks
+    are internal snapshots and its VM state is in one of them.
+
+    In a QEMU started with -incoming defer on the group's images, from
+    its VM state in a block node, one of @state_nodes or @state_files:
+    see _load_fresh()."""
     qmp = QMPClient('vmsnap')
     await qmp.connect(qmp_path)
     try:
-        group = await _find(qmp, tag)
-        if not group.state_node:
+        incoming = (await _execute(qmp, 'query-status'))['status'] == \
+            'inmigrate'
+        group = await _find(qmp, tag, state_nodes, state_files)
+        if incoming:
+            reverts = await _check_fresh(qmp, group, log)
+        elif group.instant:
+            raise RuntimeError(
+                f'the VM state of group {tag!r} is in a block node '
+                f'({group.state_file or group.state_node}): it loads into '
+                f'a QEMU started with -incoming defer on the group\'s '
+                f'images; run load there')
+        elif not group.state_node:
             raise RuntimeError(f'group {tag!r} has no VM state in an '
                                f'internal snapshot (disks only: '
                                f'{", ".join(group.disks)})')
-        log(f'loading group {tag!r}: disks {", ".join(group.disks)}, '
-            f'VM state in {group.state_node}')
-        await _run_job(qmp, f'vmsnap-load-{os.getpid()}', 'snapshot-load',
-                       {'tag': tag, 'vmstate': group.state_node,
-                        'devices': group.disks})
-        return group
+        else:
+            log(f'loading group {tag!r}: disks {", ".join(group.disks)}, '
+                f'VM state in {group.state_node}')
+            await _run_job(qmp, f'vmsnap-load-{os.getpid()}',
+                           'snapshot-load',
+                           {'tag': tag, 'vmstate': group.state_node,
+                            'devices': group.disks})
+            group.loaded = 'in place'
+            return group
     finally:
         await qmp.disconnect()
+    return await _load_fresh(qmp_path, group, reverts, log)
+
+
+def _chain(nodes, node):
+    """The file names of the images under @node, from its backing
+    children in @nodes (query-named-block-nodes, by node name)."""
+    names = []
+    while True:
+        backing = next((c['node-name'] for c in node.get('children', [])
+                        if c['child'] == 'backing'), None)
+        if backing not in nodes:
+            return names
+        node = nodes[backing]
+        names.append(node['file'])
+
+
+async def _check_fresh(qmp, group, log):
+    """Refuse what cannot load group @group into this fresh QEMU, with
+    the part missing or wrong named: the internal disks to revert, as
+    (node, image)."""
+    tag = group.tag
+    where = group.state_file or group.state_node
+    if not group.instant:
+        if group.state_node:
+            raise RuntimeError(
+                f'group {tag!r} has its VM state in the internal snapshot '
+                f'of {group.state_node}: load it in place, in a QEMU '
+                f'started without -incoming')
+        raise RuntimeError(f'no VM state of group {tag!r} given: pass the '
+                           f'--state-file or --state-node that holds it')
+    if not group.complete:
+        raise RuntimeError(f'the VM state of group {tag!r} in {where} is '
+                           f'incomplete: its save did not finish')
+    nodes = {n['node-name']: n for n in
+             await _execute(qmp, 'query-named-block-nodes', {'flat': True})}
+    reverts = []
+    for d in group.recorded_disks:
+        name, action = d['node-name'], d['action']
+        node = nodes.get(name)
+        if node is None:
+            raise RuntimeError(f"disk {name} of group {tag!r} ({action}, "
+                               f"{d['filename']}) is not a node in this "
+                               f"QEMU")
+        if action == 'internal':
+            if tag not in [sn['name'] for sn in
+                           node['image'].get('snapshots', [])]:
+                raise RuntimeError(f"disk {name} ({node['file']}) has no "
+                                   f"internal snapshot {tag!r}")
+            if node.get('active', False):
+                raise RuntimeError(f'disk {name} is active in this QEMU: '
+                                   f'its internal snapshot cannot be '
+                                   f'reverted under it')
+            reverts.append((name, node['file']))
+        elif action == 'external':
+            # The image the group left under its overlay holds the disk
+            # as of the instant; one on top of it is from later
+            if node['file'] != d['filename'] and \
+                    d['filename'] in _chain(nodes, node):
+                raise RuntimeError(
+                    f"disk {name} is on {node['file']}, which lies on top "
+                    f"of {d['filename']}, the image group {tag!r} left "
+                    f"under its overlay: the disk is from after the "
+                    f"group's instant")
+        else:
+            log(f"disk {name} was drained: {node['file']} must be the "
+                f"storage snapshot taken while the group held it")
+    return reverts
+
+
+async def _load_fresh(qmp_path, group, reverts, log):
+    """Load @group into a QEMU started with -incoming defer on its
+    images: each internal disk is first reverted to its snapshot with
+    qemu-img (the disk's node is inactive until the load completes, when
+    QEMU reads its metadata again, as after a migration with shared
+    storage), then the VM state loads from its block node, which QEMU
+    refuses if it is incomplete, truncated or its checksums are wrong.
+    Nothing is changed when a check of _check_fresh() fails."""
+    # pylint: disable=import-outside-toplevel
+    from .state import load_state
+    qemu_img = find_qemu_img() if reverts else None
+    for name, image in reverts:
+        log(f'reverting {name} ({image}) to its internal snapshot '
+            f'{group.tag!r}')
+        out = await asyncio.to_thread(
+            subprocess.run, [qemu_img, 'snapshot', '-a', group.tag, image],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f'qemu-img snapshot -a {group.tag} {image} '
+                               f'failed: {out.stdout.strip()}')
+        group.reverted.append(name)
+    result = await load_state(qmp_path, node=group.state_node,
+                              file=group.state_file, log=log)
+    if not result.ok:
+        raise RuntimeError(f'the VM state of group {group.tag!r} did not '
+                           f'load: {result.error}')
+    group.loaded = 'fresh QEMU'
+    group.vm_status = result.vm_status
+    return group
 
 
 async def _discard_state(qmp, group, log):

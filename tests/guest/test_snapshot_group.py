@@ -14,7 +14,9 @@ while the guest runs, each disk its own way, as a backup tool would:
 
 A third test does the start-instant case through the wrapper users run,
 ``vmsnap group create``, whose --storage-command copies the raw image
-while the drain holds and which ends the drain itself.
+while the drain holds and which ends the drain itself; others delete
+groups with ``vmsnap group delete`` and load one into a fresh QEMU with
+``vmsnap group load``, which refuses a disk from after the instant.
 
 LiveInternalSnapshot is the proposal's case 4, a live internal
 snapshot: both disks internal and the VM state inside the first one,
@@ -34,13 +36,17 @@ Run with:
     PYTHONPATH=python:tests/lib $venv/bin/avocado run tests/guest/test_snapshot_group.py
 """
 
+import asyncio
+import hashlib
 import json
 import os
 import subprocess
 import sys
 import time
 
+from vmsnap import state
 from vmsnaptest import guest
+from vmsnaptest.vm import VM
 
 from test_drain import GuestTest
 from test_start_instant import StartInstant
@@ -374,6 +380,89 @@ class SnapshotGroup(SnapshotGroupBase):
         vm.shutdown()
         for f in files:
             os.unlink(f)
+
+    def test_wrapper_load_fresh(self):
+        """vmsnap group load into a fresh QEMU (-incoming defer) of a
+        group that took disk0 internal and put overlay ov1 on disk1, its
+        state in a file.  Both disks are written after the group.  The
+        load is refused, with disk0's image left as it was, on the
+        overlay (disk1 from after the instant) and without the state.
+        The negative control loads the state on disk0 as it is now: its
+        check must fail.  Then the wrapper loads the group on disk0 and
+        the image under the overlay, reverting disk0 to its snapshot
+        first: the guest's own check passes."""
+        vm = self.boot_writer(n_qmp=2)
+        d0, d1 = self.disks
+        ov = self.path('ov1.qcow2')
+        subprocess.run([guest.qemu_img(), 'create', '-q', '-f', 'qcow2',
+                        '-b', d1, '-F', 'raw', ov], check=True)
+        vm.cmd('blockdev-add', driver='qcow2', **{'node-name': 'ov1'},
+               backing=None, file={'driver': 'file', 'filename': ov})
+        state_file = self.path('fresh-state.raw')
+        _, _, lc = vm.mark('fresh-before')
+        rc, created = self.wrapper(vm, 'create', '--tag', 'fresh',
+                                   '--disk', 'disk0=internal',
+                                   '--disk', 'disk1=external:ov1',
+                                   '--state-file', state_file)
+        self.assertEqual((rc, created['ok']), (0, True), created)
+        vm.wait_records(lc + 30, timeout=60)
+        self.assert_no_agent_errors(vm)
+        vm.shutdown()
+
+        def fresh(name, disks):
+            new = VM(name, self.sockdir, self.logdir, disks, self.TARGETS,
+                     n_qmp=2, mem=self.guest_mem, mem_mib=DIRTY_MEM,
+                     dirty_mibs=DIRTY_RATE, extra_args=['-incoming', 'defer'])
+            self.vms.append(new)
+            new.launch()
+            return new
+
+        # Refused, naming the part, and nothing changed
+        before = self.digest(d0)
+        wrong = fresh('on-overlay', [d0, ov])
+        for args, part in ((['--state-file', state_file], 'disk1 is on'),
+                           ([], 'no VM state of group')):
+            rc, out = self.wrapper(wrong, 'load', '--tag', 'fresh', *args)
+            self.assertEqual((rc, out['ok']), (1, False), out)
+            self.assertIn(part, out['error'])
+        self.assertEqual(wrong.cmd('query-status')['status'], 'inmigrate')
+        wrong.shutdown()
+        self.assertEqual(self.digest(d0), before,
+                         'a refused load changed disk0')
+
+        # Negative control: disk0 not reverted is later than the RAM
+        later = fresh('not-reverted', [self.copy_images([d0], 'later')[0],
+                                       self.copy_images([d1], 'base')[0]])
+        result = asyncio.run(state.load_state(
+            later.qmp_socks[1], file=state_file,
+            log=lambda m: self.log.debug('load: %s', m)))
+        self.assertTrue(result.ok, result.error)
+        later.agent.wait_ready(timeout=60)
+        self.assert_check_fails(later)
+        later.shutdown()
+
+        restored = fresh('restored-fresh', [d0, d1])
+        rc, out = self.wrapper(restored, 'load', '--tag', 'fresh',
+                               '--state-file', state_file)
+        self.assertEqual((rc, out['ok']), (0, True), out)
+        self.assertEqual((out['loaded'], out['reverted'], out['vm_status']),
+                         ('fresh QEMU', ['disk0'], 'running'))
+        restored.agent.wait_ready(timeout=60)
+        seq = restored.agent.check()
+        self.log.info('loaded by the wrapper: restored at record %d (the '
+                      'group began at %d)', seq, lc)
+        self.assertGreaterEqual(seq, lc)
+        restored.wait_records(seq + 10, timeout=30)
+        self.assert_no_agent_errors(restored)
+        restored.shutdown()
+        for f in (ov, state_file):
+            os.unlink(f)
+
+    @staticmethod
+    def digest(path):
+        with open(path, 'rb') as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
 
 
 class LiveInternalSnapshot(SnapshotGroupBase):
