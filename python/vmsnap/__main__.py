@@ -173,7 +173,8 @@ def _add_group_commands(sub):
     p.add_argument('--json', action='store_true', help='print JSON')
     for name, text in (('load', 'take the guest back to a group: in a '
                         'running QEMU, in place (internal disks and VM '
-                        'state, with snapshot-load); in a QEMU started '
+                        'state, with snapshot-load or, for a state in a '
+                        'block node, snapshot-group-load); in a QEMU started '
                         'with -incoming defer on the group\'s images, '
                         'from its VM state in a block node, the internal '
                         'disks reverted first (qemu-img snapshot -a)'),

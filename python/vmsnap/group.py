@@ -13,9 +13,10 @@ list, load and delete work on what QEMU records of a group: the internal
 snapshots named by its tag, one of them with the VM state when the state
 went into an internal snapshot (a live savevm), and the record a group
 writes into the header of its VM state in a block node.  They use QEMU's
-snapshot-load, snapshot-delete and block-commit jobs and
-discard-vmstate-node; a group with its VM state in a block node loads
-into a fresh QEMU started with -incoming defer (migrate-incoming), its
+snapshot-load, snapshot-group-load, snapshot-delete and block-commit
+jobs and discard-vmstate-node.  A group with its VM state in a block
+node loads in place when all its disks are internal, and otherwise into
+a fresh QEMU started with -incoming defer (migrate-incoming), its
 internal disks reverted first with qemu-img.
 """
 
@@ -327,7 +328,8 @@ async def load_group(qmp_path: str, tag: str, state_nodes=(),
     """Take the guest back to group @tag.
 
     In a running QEMU, in place, with snapshot-load: the group's disks
-    are internal snapshots and its VM state is in one of them.
+    are internal snapshots and its VM state is in one of them, or, with
+    snapshot-group-load, in a block node.
 
     In a QEMU started with -incoming defer on the group's images, from
     its VM state in a block node, one of @state_nodes or @state_files:
@@ -341,11 +343,8 @@ async def load_group(qmp_path: str, tag: str, state_nodes=(),
         if incoming:
             reverts = await _check_fresh(qmp, group, log)
         elif group.instant:
-            raise RuntimeError(
-                f'the VM state of group {tag!r} is in a block node '
-                f'({group.state_file or group.state_node}): it loads into '
-                f'a QEMU started with -incoming defer on the group\'s '
-                f'images; run load there')
+            await _load_in_place(qmp, group, log)
+            return group
         elif not group.state_node:
             raise RuntimeError(f'group {tag!r} has no VM state in an '
                                f'internal snapshot (disks only: '
@@ -362,6 +361,31 @@ async def load_group(qmp_path: str, tag: str, state_nodes=(),
     finally:
         await qmp.disconnect()
     return await _load_fresh(qmp_path, group, reverts, log)
+
+
+async def _load_in_place(qmp, group, log):
+    """snapshot-group-load: the group's internal disks reverted and its
+    VM state in a block node loaded, in this running QEMU.  QEMU refuses,
+    with the guest running on, a group with an external or drained
+    disk, which loads into a fresh QEMU."""
+    node = group.state_node
+    if group.state_file:
+        node = f'vmsnap-load-{os.getpid()}'
+        await _execute(qmp, 'blockdev-add', dict(
+            _node_options(node, group.state_file, 'raw'),
+            **{'read-only': True}))
+    log(f'loading group {group.tag!r} in place: disks '
+        f"{', '.join(d['node-name'] for d in group.recorded_disks)}, "
+        f'VM state in {group.state_file or node}')
+    try:
+        await _run_job(qmp, f'vmsnap-load-{os.getpid()}',
+                       'snapshot-group-load',
+                       {'tag': group.tag, 'vmstate': {'node-name': node}})
+    finally:
+        if group.state_file:
+            await _blockdev_del(qmp, node, lambda msg: None)
+    group.loaded = 'in place'
+    group.vm_status = (await _execute(qmp, 'query-status'))['status']
 
 
 def _chain(nodes, node):

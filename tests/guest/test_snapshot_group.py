@@ -566,6 +566,59 @@ class LiveInternalSnapshot(SnapshotGroupBase):
         fresh.shutdown()
         self.check_images()
 
+    def test_wrapper_load_in_place_block_node(self):
+        """vmsnap group load in place (snapshot-group-load) of a group
+        of both disks internal with its state in a file, at the start
+        instant: the guest, which ran on and wrote after the group, is
+        taken back and passes its own check.  A group that put an
+        overlay on disk1 is refused in place, the guest running on."""
+        vm = self.boot_writer(n_qmp=2)
+        state_file = self.path('in-place-state.raw')
+        _, _, lc = vm.mark('in-place-before')
+        rc, created = self.wrapper(vm, 'create', '--tag', 'in-place',
+                                   '--disk', 'disk0=internal',
+                                   '--disk', 'disk1=internal',
+                                   '--state-file', state_file)
+        self.assertEqual((rc, created['ok']), (0, True), created)
+        _, _, lc_after = vm.mark('in-place-after')
+        vm.wait_records(lc_after + NEG_AHEAD, timeout=60)
+        rc, loaded = self.wrapper(vm, 'load', '--tag', 'in-place',
+                                  '--state-file', state_file)
+        self.assertEqual((rc, loaded['ok'], loaded['loaded'],
+                          loaded['vm_status']),
+                         (0, True, 'in place', 'running'), loaded)
+        seq = self.assert_live_check(vm)
+        self.log.info('loaded in place from a block node: at record %d '
+                      '(group began at %d, ended at %d)', seq, lc, lc_after)
+        self.assertGreaterEqual(seq, lc)
+        self.assertLess(seq, lc_after + NEG_AHEAD)
+
+        overlay = self.path('in-place-ov.qcow2')
+        subprocess.run([guest.qemu_img(), 'create', '-q', '-f', 'qcow2',
+                        overlay, '8M'], check=True)
+        vm.cmd('blockdev-add', driver='qcow2', **{'node-name': 'ov1'},
+               backing=None, file={'driver': 'file', 'filename': overlay})
+        ext_state = self.path('ext-state.raw')
+        rc, created = self.wrapper(vm, 'create', '--tag', 'ext',
+                                   '--disk', 'disk0=internal',
+                                   '--disk', 'disk1=external:ov1',
+                                   '--state-file', ext_state)
+        self.assertEqual((rc, created['ok']), (0, True), created)
+        _, _, before = vm.mark('ext-taken')
+        rc, refused = self.wrapper(vm, 'load', '--tag', 'ext',
+                                   '--state-file', ext_state)
+        self.assertEqual((rc, refused['ok']), (1, False), refused)
+        self.assertIn("Disk 'disk1' of snapshot group 'ext' was taken with "
+                      "action 'external'", refused['error'])
+        self.assertEqual(vm.cmd('query-status')['status'], 'running')
+        vm.wait_records(before + 20, timeout=60)
+        self.assert_live_check(vm)
+        self.assert_no_agent_errors(vm)
+        vm.shutdown()
+        self.check_images()
+        for f in (state_file, ext_state, overlay):
+            os.unlink(f)
+
     def test_wrapper_live_internal(self):
         """vmsnap group create, list, load and delete of a live savevm,
         in the QEMU that took it and in one started later."""
