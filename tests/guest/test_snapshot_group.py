@@ -158,6 +158,28 @@ class SnapshotGroupBase(GuestTest):
                       job['current-progress'])
         return [d0, copy_d1], state_file, lc
 
+    def add_overlay(self, vm, name, backing_file=None):
+        """A new qcow2 image @name.qcow2 as node @name, with no backing
+        node yet (for an external action); @backing_file, a raw image,
+        into its header."""
+        path = self.path(f'{name}.qcow2')
+        backing = ['-b', backing_file, '-F', 'raw'] if backing_file else []
+        subprocess.run([guest.qemu_img(), 'create', '-q', '-f', 'qcow2',
+                        *backing, path, '8M'], check=True)
+        vm.cmd('blockdev-add', driver='qcow2', **{'node-name': name},
+               backing=None, file={'driver': 'file', 'filename': path})
+        return path
+
+    def create(self, vm, tag, disks, state_file):
+        """vmsnap group create of @disks (NODE=ACTION) with the state
+        into @state_file, which must succeed: its JSON."""
+        args = ['create', '--tag', tag, '--state-file', state_file]
+        for d in disks:
+            args += ['--disk', d]
+        rc, created = self.wrapper(vm, *args)
+        self.assertEqual((rc, created['ok']), (0, True), created)
+        return created
+
     def wrapper(self, vm, *args):
         """vmsnap group ARGS --json on the second QMP monitor: its JSON."""
         argv = [sys.executable, '-m', 'vmsnap', 'group', *args,
@@ -302,14 +324,6 @@ class SnapshotGroup(SnapshotGroupBase):
         return sorted(d['inserted']['node-name']
                       for d in vm.cmd('query-block') if 'inserted' in d)
 
-    def add_overlay(self, vm, name):
-        path = self.path(f'{name}.qcow2')
-        subprocess.run([guest.qemu_img(), 'create', '-q', '-f', 'qcow2',
-                        path, '8M'], check=True)
-        vm.cmd('blockdev-add', driver='qcow2', **{'node-name': name},
-               backing=None, file={'driver': 'file', 'filename': path})
-        return path
-
     @staticmethod
     def backing(vm, node):
         for n in vm.cmd('query-named-block-nodes', flat=True):
@@ -333,11 +347,7 @@ class SnapshotGroup(SnapshotGroupBase):
             files.append(self.add_overlay(vm, f'ov-{tag}'))
             state_file = self.path(f'{tag}-state.raw')
             files.append(state_file)
-            args = ['create', '--tag', tag, '--state-file', state_file]
-            for d in disks:
-                args += ['--disk', d]
-            rc, created = self.wrapper(vm, *args)
-            self.assertEqual((rc, created['ok']), (0, True), created)
+            self.create(vm, tag, disks, state_file)
             _, _, lc = vm.mark(f'{tag}-taken')
             vm.wait_records(lc + 10, timeout=60)
         self.assertEqual(self.roots(vm), ['disk0', 'ov-b'])
@@ -393,18 +403,11 @@ class SnapshotGroup(SnapshotGroupBase):
         first: the guest's own check passes."""
         vm = self.boot_writer(n_qmp=2)
         d0, d1 = self.disks
-        ov = self.path('ov1.qcow2')
-        subprocess.run([guest.qemu_img(), 'create', '-q', '-f', 'qcow2',
-                        '-b', d1, '-F', 'raw', ov], check=True)
-        vm.cmd('blockdev-add', driver='qcow2', **{'node-name': 'ov1'},
-               backing=None, file={'driver': 'file', 'filename': ov})
+        ov = self.add_overlay(vm, 'ov1', backing_file=d1)
         state_file = self.path('fresh-state.raw')
         _, _, lc = vm.mark('fresh-before')
-        rc, created = self.wrapper(vm, 'create', '--tag', 'fresh',
-                                   '--disk', 'disk0=internal',
-                                   '--disk', 'disk1=external:ov1',
-                                   '--state-file', state_file)
-        self.assertEqual((rc, created['ok']), (0, True), created)
+        self.create(vm, 'fresh', ['disk0=internal', 'disk1=external:ov1'],
+                    state_file)
         vm.wait_records(lc + 30, timeout=60)
         self.assert_no_agent_errors(vm)
         vm.shutdown()
@@ -575,11 +578,8 @@ class LiveInternalSnapshot(SnapshotGroupBase):
         vm = self.boot_writer(n_qmp=2)
         state_file = self.path('in-place-state.raw')
         _, _, lc = vm.mark('in-place-before')
-        rc, created = self.wrapper(vm, 'create', '--tag', 'in-place',
-                                   '--disk', 'disk0=internal',
-                                   '--disk', 'disk1=internal',
-                                   '--state-file', state_file)
-        self.assertEqual((rc, created['ok']), (0, True), created)
+        self.create(vm, 'in-place', ['disk0=internal', 'disk1=internal'],
+                    state_file)
         _, _, lc_after = vm.mark('in-place-after')
         vm.wait_records(lc_after + NEG_AHEAD, timeout=60)
         rc, loaded = self.wrapper(vm, 'load', '--tag', 'in-place',
@@ -593,17 +593,10 @@ class LiveInternalSnapshot(SnapshotGroupBase):
         self.assertGreaterEqual(seq, lc)
         self.assertLess(seq, lc_after + NEG_AHEAD)
 
-        overlay = self.path('in-place-ov.qcow2')
-        subprocess.run([guest.qemu_img(), 'create', '-q', '-f', 'qcow2',
-                        overlay, '8M'], check=True)
-        vm.cmd('blockdev-add', driver='qcow2', **{'node-name': 'ov1'},
-               backing=None, file={'driver': 'file', 'filename': overlay})
+        overlay = self.add_overlay(vm, 'ov1')
         ext_state = self.path('ext-state.raw')
-        rc, created = self.wrapper(vm, 'create', '--tag', 'ext',
-                                   '--disk', 'disk0=internal',
-                                   '--disk', 'disk1=external:ov1',
-                                   '--state-file', ext_state)
-        self.assertEqual((rc, created['ok']), (0, True), created)
+        self.create(vm, 'ext', ['disk0=internal', 'disk1=external:ov1'],
+                    ext_state)
         _, _, before = vm.mark('ext-taken')
         rc, refused = self.wrapper(vm, 'load', '--tag', 'ext',
                                    '--state-file', ext_state)
