@@ -218,6 +218,11 @@ def _group_line(g):
                  f'{"complete" if g.complete else "INCOMPLETE"}')
     if g.missing:
         line += f'; missing internal snapshots on {", ".join(g.missing)}'
+    if g.unfinished:
+        # pylint: disable-next=import-outside-toplevel
+        from .group import UNFINISHED
+        line += (f'; INCOMPLETE: QEMU did not finish it (snapshots named '
+                 f'{g.tag}{UNFINISHED} on {", ".join(g.unfinished)})')
     return line
 
 

@@ -35,6 +35,8 @@ from .state import (_blockdev_del, _create_image, _error_text, _execute,
 
 POLL_S = 0.1
 ACTIONS = ('internal', 'external', 'drain')
+# QEMU's name for a group's internal snapshots until the group completes
+UNFINISHED = '.incomplete'
 
 
 @dataclass
@@ -228,6 +230,9 @@ class GroupInfo:
     recorded_disks: List[dict] = field(default_factory=list)
     complete: Optional[bool] = None     # False: the save did not finish
     missing: List[str] = field(default_factory=list)
+    # Disks whose snapshot is still named tag + UNFINISHED: QEMU did not
+    # finish the group
+    unfinished: List[str] = field(default_factory=list)
     # After load: how, the disks reverted first, the guest's run state
     loaded: Optional[str] = None
     reverted: List[str] = field(default_factory=list)
@@ -266,11 +271,11 @@ async def _recorded(qmp, groups, state_nodes, state_files):
         g.state_bytes = info['size']
         g.instant = rec['instant']
         g.recorded_disks = rec['disks']
-        g.complete = info['status'] == 'complete'
+        g.complete = info['status'] == 'complete' and not g.unfinished
         # An internal snapshot the group took that no disk has now
         g.missing = [d['node-name'] for d in rec['disks']
                      if d['action'] == 'internal' and
-                     d['node-name'] not in g.disks]
+                     d['node-name'] not in g.disks + g.unfinished]
 
 
 async def _groups(qmp, state_nodes=(), state_files=()) -> List[GroupInfo]:
@@ -283,10 +288,18 @@ async def _groups(qmp, state_nodes=(), state_files=()) -> List[GroupInfo]:
         if n.get('ro') or n['drv'] != 'qcow2':
             continue
         for sn in n['image'].get('snapshots', []):
-            g = groups.setdefault(sn['name'], GroupInfo(
-                tag=sn['name'], disks=[], state_node=None, state_bytes=0,
+            tag = sn['name']
+            unfinished = tag.endswith(UNFINISHED)
+            if unfinished:
+                tag = tag[:-len(UNFINISHED)]
+            g = groups.setdefault(tag, GroupInfo(
+                tag=tag, disks=[], state_node=None, state_bytes=0,
                 date=sn['date-sec'], vm_clock_ns=sn['vm-clock-sec'] *
                 10**9 + sn['vm-clock-nsec']))
+            if unfinished:
+                g.unfinished.append(n['node-name'])
+                g.complete = False
+                continue
             g.disks.append(n['node-name'])
             if sn['vm-state-size']:
                 g.state_node = n['node-name']
@@ -340,6 +353,11 @@ async def load_group(qmp_path: str, tag: str, state_nodes=(),
         incoming = (await _execute(qmp, 'query-status'))['status'] == \
             'inmigrate'
         group = await _find(qmp, tag, state_nodes, state_files)
+        if group.unfinished:
+            raise RuntimeError(
+                f'group {tag!r} did not finish: the internal snapshots of '
+                f'{", ".join(group.unfinished)} are named '
+                f'{tag + UNFINISHED!r}; delete the group')
         if incoming:
             reverts = await _check_fresh(qmp, group, log)
         elif group.instant:
@@ -577,16 +595,19 @@ async def delete_group(qmp_path: str, tag: str, state_nodes=(),
                 f'{", ".join(group.missing)} any more')
         if group.instant:
             await _discard_state(qmp, group, log)
-        left = ([f'internal snapshots on {", ".join(group.disks)}']
-                if group.disks else [])
+        snapshots = [(name, disks) for name, disks in
+                     ((tag, group.disks), (tag + UNFINISHED, group.unfinished))
+                     if disks]
+        left = [f'internal snapshots {name!r} on {", ".join(disks)}'
+                for name, disks in snapshots]
         left += [f'overlay {o}' for o, _, _ in overlays]
         try:
-            if group.disks:
-                log(f'deleting the internal snapshots {tag!r} of '
-                    f'{", ".join(group.disks)}')
+            for name, disks in snapshots:
+                log(f'deleting the internal snapshots {name!r} of '
+                    f'{", ".join(disks)}')
                 await _run_job(qmp, f'vmsnap-delete-{os.getpid()}',
                                'snapshot-delete',
-                               {'tag': tag, 'devices': group.disks})
+                               {'tag': name, 'devices': disks})
                 left.pop(0)
             for overlay, base, root in overlays:
                 await _commit(qmp, overlay, base, root, log)

@@ -612,6 +612,69 @@ class LiveInternalSnapshot(SnapshotGroupBase):
         for f in (state_file, ext_state, overlay):
             os.unlink(f)
 
+    def test_wrapper_killed_group(self):
+        """QEMU killed during a start-instant live savevm: a QEMU started
+        later on the images lists the group as incomplete (its internal
+        snapshots are named killed.incomplete), vmsnap group load refuses
+        it with the guest running on, and vmsnap group delete removes
+        it; then a group of the same tag completes and loads."""
+        vm = self.boot_writer(n_qmp=2)
+        # Slow enough that the save is still running when QEMU is killed
+        vm.cmd('migrate-set-parameters', **{'max-bandwidth': 1 << 20})
+        vm.cmd('snapshot-group', **{'job-id': 'group'}, tag='killed',
+               disks=[{'node-name': 'disk0', 'action': 'internal'},
+                      {'node-name': 'disk1', 'action': 'internal'}],
+               vmstate={'target': 'internal', 'node-name': 'disk0'})
+        deadline = time.monotonic() + 30
+        while vm.cmd('query-migrate').get('status') != 'active':
+            self.assertLess(time.monotonic(), deadline, 'no save began')
+            time.sleep(0.05)
+        vm.shutdown(graceful=False)
+        for disk in self.disks:
+            # A SIGKILL may leak clusters the save had allocated
+            subprocess.run([guest.qemu_img(), 'check', '-q', '-r', 'leaks',
+                            disk], check=False)
+
+        fresh = self.vm('fresh', self.disks, self.TARGETS, n_qmp=2,
+                        mem=self.guest_mem, mem_mib=DIRTY_MEM,
+                        dirty_mibs=DIRTY_RATE)
+        rc, listed = self.wrapper(fresh, 'list')
+        self.assertEqual(rc, 0)
+        self.assertEqual([(g['tag'], g['disks'], sorted(g['unfinished']),
+                           g['complete'], g['state_node']) for g in listed],
+                         [('killed', [], ['disk0', 'disk1'], False, None)])
+        _, _, before = fresh.mark('killed-listed')
+        rc, refused = self.wrapper(fresh, 'load', '--tag', 'killed')
+        self.assertEqual((rc, refused['ok']), (1, False), refused)
+        self.assertIn("group 'killed' did not finish", refused['error'])
+        self.assertEqual(fresh.cmd('query-status')['status'], 'running')
+        fresh.wait_records(before + 20, timeout=60)
+        rc, deleted = self.wrapper(fresh, 'delete', '--tag', 'killed')
+        self.assertEqual(rc, 0, deleted)
+        rc, listed = self.wrapper(fresh, 'list')
+        self.assertEqual(listed, [])
+
+        _, _, lc = fresh.mark('again-before')
+        rc, created = self.wrapper(
+            fresh, 'create', '--tag', 'killed', '--disk', 'disk0=internal',
+            '--disk', 'disk1=internal', '--state-internal', 'disk0',
+            '--instant', 'start')
+        self.assertEqual(rc, 0, created)
+        _, _, lc_after = fresh.mark('again-after')
+        fresh.wait_records(lc_after + NEG_AHEAD, timeout=60)
+        rc, loaded = self.wrapper(fresh, 'load', '--tag', 'killed')
+        self.assertEqual(rc, 0, loaded)
+        seq = self.assert_live_check(fresh)
+        self.log.info('after the kill: a new group of the tag loaded at '
+                      'record %d (began at %d, ended at %d)', seq, lc,
+                      lc_after)
+        self.assertGreaterEqual(seq, lc)
+        self.assertLess(seq, lc_after + NEG_AHEAD)
+        fresh.wait_records(seq + 20, timeout=60)
+        self.assert_no_agent_errors(fresh)
+        fresh.shutdown()
+        self.check_images()
+
     def test_wrapper_live_internal(self):
         """vmsnap group create, list, load and delete of a live savevm,
         in the QEMU that took it and in one started later."""
