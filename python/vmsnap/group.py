@@ -299,8 +299,8 @@ async def _groups(qmp, state_nodes=(), state_files=()) -> List[GroupInfo]:
             if unfinished:
                 g.unfinished.append(n['node-name'])
                 g.complete = False
-                continue
-            g.disks.append(n['node-name'])
+            else:
+                g.disks.append(n['node-name'])
             if sn['vm-state-size']:
                 g.state_node = n['node-name']
                 g.state_bytes = sn['vm-state-size']

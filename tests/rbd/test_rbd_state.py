@@ -16,6 +16,10 @@ QEMU's qtest protocol writes and reads guest RAM), and check:
    keeps that state: after a second save into the same image, the
    snapshot (opened read-only) loads the first state, the image the
    second; and a blank image fails to load, leaving QEMU running;
+ - a start-instant snapshot-group of a disk on rbd as an rbd snapshot,
+   with the state in another rbd image: the snapshot, taken as
+   TAG.incomplete, has the tag once the group completes, and
+   snapshot-group-load reverts the disk and loads the RAM in place;
  - "vmsnap drain-snapshot ... rbd POOL/IMAGE@SNAP" snapshots the image
    of a drained disk in Ceph: the snapshot holds what was written
    before the drain, the image what was written after it.
@@ -388,6 +392,53 @@ class RbdState(Test):
             self.load('dst-blank', blank)
         self.assertEqual(self.vms[-1].cmd('query-status')['status'],
                          'inmigrate')
+
+    def wait_job(self, vm, job_id):
+        """Wait for job @job_id to conclude, dismiss it; its error."""
+        deadline = time.monotonic() + 120
+        while True:
+            job = next(j for j in vm.cmd('query-jobs') if j['id'] == job_id)
+            if job['status'] == 'concluded':
+                vm.cmd('job-dismiss', id=job_id)
+                return job.get('error')
+            self.assertLess(time.monotonic(), deadline,
+                            f'{job}; {vm.diagnostics()}')
+            time.sleep(0.05)
+
+    def test_group_internal_rbd_disk(self):
+        """A start-instant snapshot-group of a disk on rbd, as an rbd
+        snapshot, with the state in another rbd image: the snapshot,
+        taken as GROUP.incomplete, is renamed to the tag when the group
+        completes (rbd_snap_rename), and snapshot-group-load reverts the
+        disk and loads the RAM in place."""
+        src = self.source('src', 0x66)
+        disk = self.create_image('gdisk', 16 * 1024 * 1024)
+        src.cmd('blockdev-add', driver='rbd', node_name='disk',
+                pool=self.pool, image=disk, conf=self.conf)
+        self.disk_io(src, 'write -P 0x11 0 64k')
+        size = src.cmd('query-vmstate-size')['total']
+        node = self.add_rbd(src, self.create_image('gstate', size))
+        src.cmd('snapshot-group', job_id='group', tag='grp',
+                disks=[{'node-name': 'disk', 'action': 'internal'}],
+                vmstate={'target': 'block-node', 'node-name': node},
+                instant='start')
+        self.assertIsNone(self.wait_job(src, 'group'))
+        snaps = self.rbd('snap', 'ls', f'{self.pool}/{disk}')
+        self.log.info('rbd snap ls after the group:\n%s', snaps)
+        self.assertIn(' grp ', snaps)
+        self.assertNotIn('incomplete', snaps)
+
+        # After the group, the guest's RAM and disk change
+        src.write_pattern(pattern(0x77))
+        self.disk_io(src, 'write -P 0x22 0 64k')
+        src.cmd('snapshot-group-load', job_id='load', tag='grp',
+                vmstate={'node-name': node})
+        self.assertIsNone(self.wait_job(src, 'load'))
+        self.assertEqual(src.cmd('query-status')['status'], 'running')
+        self.assertEqual(src.read_pattern(), pattern(0x66))
+        out = src.cmd('human-monitor-command',
+                      command_line='qemu-io disk "read -P 0x11 0 64k"')
+        self.assertNotIn('verification failed', out)
 
     def disk_io(self, vm, cmd, node='disk'):
         out = vm.cmd('human-monitor-command',
