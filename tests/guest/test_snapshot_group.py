@@ -612,6 +612,19 @@ class LiveInternalSnapshot(SnapshotGroupBase):
         for f in (state_file, ext_state, overlay):
             os.unlink(f)
 
+    def create_live(self, vm, tag, instant):
+        """vmsnap group create of a live savevm of both disks, the state
+        in disk0's snapshot, which must succeed: its JSON, and the
+        agent's last records before and after it."""
+        _, _, before = vm.mark(f'{tag}-before')
+        rc, created = self.wrapper(
+            vm, 'create', '--tag', tag, '--disk', 'disk0=internal',
+            '--disk', 'disk1=internal', '--state-internal', 'disk0',
+            '--instant', instant)
+        self.assertEqual(rc, 0, created)
+        _, _, after = vm.mark(f'{tag}-after')
+        return created, before, after
+
     def test_wrapper_killed_group(self):
         """QEMU killed during a start-instant live savevm: a QEMU started
         later on the images lists the group as incomplete (its internal
@@ -654,13 +667,7 @@ class LiveInternalSnapshot(SnapshotGroupBase):
         rc, listed = self.wrapper(fresh, 'list')
         self.assertEqual(listed, [])
 
-        _, _, lc = fresh.mark('again-before')
-        rc, created = self.wrapper(
-            fresh, 'create', '--tag', 'killed', '--disk', 'disk0=internal',
-            '--disk', 'disk1=internal', '--state-internal', 'disk0',
-            '--instant', 'start')
-        self.assertEqual(rc, 0, created)
-        _, _, lc_after = fresh.mark('again-after')
+        _, lc, lc_after = self.create_live(fresh, 'killed', 'start')
         fresh.wait_records(lc_after + NEG_AHEAD, timeout=60)
         rc, loaded = self.wrapper(fresh, 'load', '--tag', 'killed')
         self.assertEqual(rc, 0, loaded)
@@ -679,14 +686,8 @@ class LiveInternalSnapshot(SnapshotGroupBase):
         """vmsnap group create, list, load and delete of a live savevm,
         in the QEMU that took it and in one started later."""
         vm = self.boot_writer(n_qmp=2)
-        _, _, lc = vm.mark('wrapped-before')
-        rc, created = self.wrapper(
-            vm, 'create', '--tag', 'wrapped', '--disk', 'disk0=internal',
-            '--disk', 'disk1=internal', '--state-internal', 'disk0',
-            '--instant', 'end')
-        self.assertEqual(rc, 0, created)
+        created, lc, lc_after = self.create_live(vm, 'wrapped', 'end')
         self.assertGreater(created['state_bytes'], 0)
-        _, _, lc_after = vm.mark('wrapped-after')
         rc, listed = self.wrapper(vm, 'list')
         self.assertEqual(rc, 0)
         self.assertEqual([(g['tag'], sorted(g['disks']), g['state_node'])
