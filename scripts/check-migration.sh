@@ -115,6 +115,9 @@ if [ "${1:-}" = --in-namespace ]; then
   child=
   trap '[ -z "$child" ] || kill -TERM "$child" 2>/dev/null; exit 143' TERM INT HUP
   export QTEST_QEMU_BINARY=$build/qemu-system-x86_64
+  # The loadvm tests make their qcow2 images with it, as "meson test"
+  # sets it.
+  export QTEST_QEMU_IMG=$build/qemu-img
   # analyze-script runs scripts/analyze-migration.py (relative to the
   # build directory) with $PYTHON, as "meson test" sets it.
   export PYTHON=$build/pyvenv/bin/python3
