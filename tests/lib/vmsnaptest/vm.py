@@ -21,8 +21,10 @@ mean the guest did not do what was asked (records stuck, no CHECK answer)
 raise AssertionError carrying the tails of the console and QEMU logs.
 """
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import time
 
@@ -161,8 +163,31 @@ class VM:
             if time.monotonic() > deadline:
                 raise AssertionError(
                     f'guest records stuck at {st["last_complete"]} (wanted '
-                    f'{minimum}); {self.diagnostics()}')
+                    f'{minimum}); {self.hang_report()}; '
+                    f'{self.diagnostics()}')
             time.sleep(0.05)
+
+    def hang_report(self):
+        """Where a stuck QEMU waits, into NAME-hang.txt next to its log:
+        every thread's backtrace (gdb), its block jobs, drains and block
+        graph, and the migration.  Returns where it went."""
+        path = self.qemu_log.replace('-qemu.log', '-hang.txt')
+        with open(path, 'w') as f:
+            # First: it answers even when the main loop does not
+            if shutil.which('gdb') and self.proc:
+                out = subprocess.run(
+                    ['gdb', '-p', str(self.proc.pid), '-batch', '-nx',
+                     '-ex', 'thread apply all bt'], capture_output=True,
+                    text=True, timeout=120, check=False)
+                f.write(out.stdout + out.stderr)
+            for cmd in ('query-status', 'query-migrate', 'query-jobs',
+                        'query-block-drains', 'x-debug-query-block-graph'):
+                try:
+                    f.write(f'{cmd}: {json.dumps(self.cmd(cmd))}\n')
+                except (QMPError, OSError, ValueError) as err:
+                    f.write(f'{cmd}: {err}\n')
+                    break
+        return f'QEMU threads and state in {path}'
 
     def agent_errors(self):
         """The ERROR lines the agent has sent so far."""
