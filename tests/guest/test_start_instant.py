@@ -66,6 +66,7 @@ import os
 import subprocess
 import time
 
+from avocado import skipUnless
 from qemu.qmp import QMPError
 
 from vmsnap import state
@@ -357,6 +358,21 @@ class StartInstantIOThread(StartInstant):
     requests in drained sections, a write could start between the
     drain's poll and its idle check, and QEMU aborted in
     bdrv_drain_assert_idle() (a few rounds in a hundred).
+
+    Known flaky (QEMU's own flaky tests are skipped the same way, unless
+    QEMU_TEST_FLAKY_TESTS is set): after a save that completed, the
+    source guest's records sometimes stop, its vCPU idle and the
+    IOThread waiting, as if a virtio-blk request or its completion was
+    lost; 5 of 15 runs of 10 rounds on 2 December, also without the
+    patches of that day.  wait_records() writes the QEMU threads'
+    backtraces next to the log when it happens.
     """
 
     iothread = True
+
+    @skipUnless(os.environ.get('VMSNAP_FLAKY_TESTS'),
+                'flaky: the guest\'s disk I/O stops after a completed save '
+                'in about 1 run in 3 (README, "Known problems"); set '
+                'VMSNAP_FLAKY_TESTS=1 to run it')
+    def test_cont_right_after_migrate(self):
+        super().test_cont_right_after_migrate()
