@@ -34,6 +34,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from vmsnaptest import guest
 
 CHECK_RE = r'^CHECK (OK (\d+)|FAIL (.*))$'
+GDB_BLOCK = os.path.join(os.path.dirname(__file__), 'gdb_block.py')
 
 
 def stop_qemu(proc, qmp, graceful=True):
@@ -74,6 +75,7 @@ class VM:
                  n_qmp=1, extra_args=(), **guest_kw):
         self.name = name
         self.mode = mode
+        self.disks = list(disks)
         self.agent_sock = os.path.join(sockdir, f'{name}-agent.sock')
         self.qmp_socks = [os.path.join(sockdir, f'{name}-qmp{i}.sock')
                           for i in range(n_qmp)]
@@ -177,14 +179,31 @@ class VM:
             if shutil.which('gdb') and self.proc:
                 out = subprocess.run(
                     ['gdb', '-p', str(self.proc.pid), '-batch', '-nx',
-                     '-ex', 'thread apply all bt'], capture_output=True,
-                    text=True, timeout=120, check=False)
+                     '-ex', 'thread apply all bt', '-x', GDB_BLOCK],
+                    capture_output=True, text=True, timeout=120,
+                    check=False)
                 f.write(out.stdout + out.stderr)
-            for cmd in ('query-status', 'query-migrate', 'query-jobs',
-                        'query-block-drains', 'x-debug-query-block-graph'):
+            cmds = [(c, {}) for c in ('query-status', 'query-migrate',
+                                      'query-jobs', 'query-block-drains',
+                                      'x-debug-query-block-graph')]
+            # Each virtio-blk queue: requests the guest made available,
+            # those QEMU took, and those it completed
+            cmds += [('x-query-virtio-queue-status',
+                      {'path': f'/machine/peripheral/vd{i}/virtio-backend',
+                       'queue': 0}) for i in range(len(self.disks))]
+            for cmd, args in cmds:
                 try:
-                    f.write(f'{cmd}: {json.dumps(self.cmd(cmd))}\n')
-                except (QMPError, OSError, ValueError) as err:
+                    ret = self.cmd(cmd, **args)
+                    f.write(f'{cmd} {args}: {json.dumps(ret)}\n')
+                    if cmd == 'x-query-virtio-queue-status':
+                        # The guest's own avail index, in its memory
+                        xp = self.cmd('human-monitor-command', **{
+                            'command-line':
+                            f'xp /1hx {ret["vring-avail"] + 2}'})
+                        f.write(f'  guest avail idx: {xp.strip()}\n')
+                except QMPError as err:
+                    f.write(f'{cmd} {args}: {err}\n')
+                except (OSError, ValueError) as err:
                     f.write(f'{cmd}: {err}\n')
                     break
         return f'QEMU threads and state in {path}'
