@@ -1,8 +1,10 @@
-"""gdb script: the request counters of every BlockBackend and node.
+"""gdb script: the request counters of every BlockBackend and node,
+the clocks and the vCPUs' wakeup state.
 
 Sourced by VM.hang_report() (gdb -x) in a QEMU that stopped doing I/O:
 a BlockBackend left quiesced, a request parked in its queue or counted
-in flight forever tells where a request was lost.
+in flight forever tells where a request was lost; a stopped virtual
+clock or a halted vCPU with an interrupt pending, that no wakeup came.
 """
 
 import gdb  # pylint: disable=import-error
@@ -47,7 +49,26 @@ def nodes():
         bs = b['bs_list']['tqe_next']
 
 
-for fn in (backends, nodes):
+def clocks():
+    for i, clock in enumerate(('realtime', 'virtual', 'host',
+                               'virtual_rt')):
+        enabled = gdb.parse_and_eval(f'qemu_clocks[{i}].enabled')
+        print(f'clock {clock} enabled={bool(enabled)}')
+    ticks = gdb.parse_and_eval('timers_state.cpu_ticks_enabled')
+    print(f'cpu_ticks_enabled={int(ticks)}')
+
+
+def cpus():
+    cpu = gdb.parse_and_eval('cpus_queue')['tqh_first']
+    while int(cpu):
+        c = cpu.dereference()
+        print(f"cpu {int(c['cpu_index'])} halted={int(c['halted'])} "
+              f"interrupt_request={int(c['interrupt_request']):#x} "
+              f"stop={bool(c['stop'])} stopped={bool(c['stopped'])}")
+        cpu = c['node']['tqe_next']
+
+
+for fn in (backends, nodes, clocks, cpus):
     try:
         fn()
     except gdb.error as err:

@@ -123,6 +123,11 @@ class VM:
         """Run QMP command name on self.qmp; its return value."""
         return self.qmp.cmd(name, **args)
 
+    def hmp(self, command_line):
+        """Run an HMP command through QMP; its output."""
+        return self.cmd('human-monitor-command',
+                        **{'command-line': command_line})
+
     def wait_event(self, name, timeout=10.0, match=None, **data):
         """Wait for QMP event name whose data has the given items.
 
@@ -197,15 +202,21 @@ class VM:
                     f.write(f'{cmd} {args}: {json.dumps(ret)}\n')
                     if cmd == 'x-query-virtio-queue-status':
                         # The guest's own avail index, in its memory
-                        xp = self.cmd('human-monitor-command', **{
-                            'command-line':
-                            f'xp /1hx {ret["vring-avail"] + 2}'})
-                        f.write(f'  guest avail idx: {xp.strip()}\n')
+                        for ring in ('avail', 'used'):
+                            xp = self.hmp('xp /1hx '
+                                          f'{ret["vring-" + ring] + 2}')
+                            f.write(f'  guest {ring} idx: {xp.strip()}\n')
                 except QMPError as err:
                     f.write(f'{cmd} {args}: {err}\n')
                 except (OSError, ValueError) as err:
                     f.write(f'{cmd}: {err}\n')
-                    break
+                    return f'QEMU threads in {path}'
+            # Whether the vCPU has an interrupt waiting, and where it is
+            for line in ('info lapic', 'info registers'):
+                try:
+                    f.write(f'{line}:\n{self.hmp(line)}\n')
+                except (QMPError, OSError, ValueError) as err:
+                    f.write(f'{line}: {err}\n')
         return f'QEMU threads and state in {path}'
 
     def agent_errors(self):
