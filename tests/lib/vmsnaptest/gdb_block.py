@@ -41,8 +41,9 @@ def nodes():
     bs = gdb.parse_and_eval('all_bdrv_states')['tqh_first']
     while int(bs):
         b = bs.dereference()
-        print(f"node {name(b['node_name'])!r} "
-              f"drv={name(b['drv'].dereference()['format_name']) if int(b['drv']) else '-'} "
+        drv = (name(b['drv'].dereference()['format_name'])
+               if int(b['drv']) else '-')
+        print(f"node {name(b['node_name'])!r} drv={drv} "
               f"in_flight={int(b['in_flight'])} "
               f"quiesce_counter={int(b['quiesce_counter'])} "
               f"ctx={b['aio_context']}")

@@ -201,7 +201,7 @@ class VM:
                     ret = self.cmd(cmd, **args)
                     f.write(f'{cmd} {args}: {json.dumps(ret)}\n')
                     if cmd == 'x-query-virtio-queue-status':
-                        # The guest's own avail index, in its memory
+                        # The guest's own indexes, in its memory
                         for ring in ('avail', 'used'):
                             xp = self.hmp('xp /1hx '
                                           f'{ret["vring-" + ring] + 2}')
@@ -210,7 +210,7 @@ class VM:
                     f.write(f'{cmd} {args}: {err}\n')
                 except (OSError, ValueError) as err:
                     f.write(f'{cmd}: {err}\n')
-                    return f'QEMU threads in {path}'
+                    return f'QEMU threads and state in {path}'
             # Whether the vCPU has an interrupt waiting, and where it is
             for line in ('info lapic', 'info registers'):
                 try:
